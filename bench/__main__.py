@@ -1,0 +1,54 @@
+"""python -m bench NAME [--size N] | python -m bench --list"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from tasks.env import configure_environment
+
+BENCHMARKS = {
+    "pipeline": "flow vs direct stage calls (orchestration overhead); warm ÷ cold re-runs, both doors",
+    "augment": "batched uint8 train preset vs per-sample torchvision transforms v2",
+    "train_step": "MobileNetV2 training step: bf16 autocast and channels_last vs fp32 (CPU)",
+}
+
+
+def _table(ratios: dict) -> str:
+    width = max(len(k) for k in ratios)
+    return "\n".join(f"{k:<{width}}  {v:8.3f}" for k, v in ratios.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
+    parser.add_argument("--list", action="store_true", help="list the benchmarks")
+    parser.add_argument("--size", type=int, default=None, help="images per split (benchmark-specific default)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    args = parser.parse_args(argv)
+    if args.list or not args.name:
+        for name, what in BENCHMARKS.items():
+            print(f"{name:<12} {what}")
+        return 0
+    configure_environment()
+    module = importlib.import_module(f"bench.{args.name}")
+    t0 = time.perf_counter()
+    figures = module.run(size=args.size)
+    figures.update(benchmark=args.name, cores=os.cpu_count(), python=platform.python_version(),
+                   wall_seconds=round(time.perf_counter() - t0, 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"{args.name} ({figures['cores']} cores) — ratios:")
+    print(_table(figures["ratios"]))
+    print(f"raw timings and settings: {args.out / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

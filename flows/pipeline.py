@@ -1,0 +1,85 @@
+"""The pipeline as a Prefect flow: ingest → validate → curate → train → evaluate.
+
+Each stage is one Prefect task that calls pixelops.stages.run_stage: DVC's lock file decides
+whether the stage is up to date (so this flow and `dvc repro` agree), the stage function
+does the work, and the stage is committed to dvc.lock. Prefect's own result cache is off for
+these tasks: a second record of "done" could disagree with DVC's, which is keyed by the
+content of each stage's deps, params section and source.
+
+Run:  python -m flows.pipeline            (ephemeral local Prefect server, nothing to start)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tasks.env import configure_environment
+
+configure_environment()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pixelops.stages import STAGES, run_stage  # noqa: E402
+from tasks.params import load_params  # noqa: E402
+from tasks.validate import ValidationFailed  # noqa: E402
+
+# Retries only where the world is flaky: reading the source, talking to FiftyOne's database.
+RETRIES = {"ingest": 2, "curate": 2}
+
+
+def _stage_task(name: str):
+    retries = RETRIES.get(name, 0)
+
+    @task(name=name, retries=retries, retry_delay_seconds=[2, 5, 15][:retries] or 0, cache_policy=NO_CACHE)
+    def stage_task(root: str) -> dict:
+        outcome = run_stage(name, load_params(f"{root}/params.yaml"), root=root)
+        get_run_logger().info("%s %s in %.1fs", name, "up to date, skipped" if outcome.skipped else "ran",
+                              outcome.seconds)
+        return {"stage": name, "skipped": outcome.skipped, "seconds": round(outcome.seconds, 2)}
+
+    return stage_task
+
+
+STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
+
+
+def _publish_validation_failure(error) -> None:
+    """Publish the failing expectations so the flow run in the UI shows why it stopped."""
+    from tasks.validate import markdown_summary
+
+    create_markdown_artifact(key="validation-report", markdown=markdown_summary(error.result),
+                             description="Great Expectations gate: failed")
+
+
+@flow(name="pixelops-pipeline", log_prints=True)
+def pipeline(root: str = ".") -> dict:
+    """Run every stage in order; each is skipped when DVC records it as up to date."""
+    t0 = time.perf_counter()
+    outcomes = []
+    for name in STAGES:
+        try:
+            outcomes.append(STAGE_TASKS[name](root))
+        except ValidationFailed as e:
+            _publish_validation_failure(e)
+            raise
+    from tasks.report import summary_markdown
+
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(root), description="PixelOps run")
+    return {"stages": outcomes, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def main() -> int:
+    result = pipeline()
+    for o in result["stages"]:
+        print(f"{o['stage']:<9} {'skipped' if o['skipped'] else 'ran':<8} {o['seconds']:>8.1f}s")
+    from tasks.report import summary_text
+
+    print(summary_text("."))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

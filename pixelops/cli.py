@@ -1,0 +1,157 @@
+"""`pixelops`: the same stage functions, for people and scripts.
+
+    pixelops run [--flow] [-S train.epochs=3]   the pipeline through `dvc repro` (or the Prefect flow)
+    pixelops ingest SOURCE [--format F]         a source becomes the project's new dataset version
+    pixelops validate|curate|train|evaluate     one stage (skipped when DVC says it is up to date)
+    pixelops app [--port 5151]                  the current version in the FiftyOne App
+    pixelops status                             what DVC would rerun
+
+`-S key=value` follows DVC's `exp run -S`: for `run` and `ingest` the value is written to
+params.yaml (after checking it against the typed params), so dvc.lock records what produced
+the outputs. For a single stage it applies to that run only and is not recorded in dvc.lock.
+Errors print one paragraph and exit 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.env import configure_environment
+
+PARAMS = Path("params.yaml")
+
+
+def _set_params_file(overrides: list[str]) -> None:
+    """Write overrides into params.yaml, keeping its comments; refuse any that do not validate."""
+    from ruamel.yaml import YAML
+
+    from tasks.params import apply_overrides, from_dict, load_raw, parse_override
+
+    from_dict(apply_overrides(load_raw(PARAMS), overrides), origin=f"{PARAMS} with -S")  # raises first
+    yaml = YAML()  # round-trip mode: comments and key order survive
+    doc = yaml.load(PARAMS.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    tmp = PARAMS.with_suffix(".yaml.tmp")
+    with tmp.open("w") as f:
+        yaml.dump(doc, f)
+    os.replace(tmp, PARAMS)
+
+
+def _subprocess_env() -> dict:
+    # dvc.yaml runs `python -m tasks.<stage>`: the venv's python must come first on PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def cmd_run(args) -> int:
+    from tasks.report import summary_text
+
+    if args.set:
+        _set_params_file(args.set)
+    if args.flow:
+        from flows.pipeline import main as flow_main
+
+        return flow_main()
+    rc = subprocess.call([sys.executable, "-m", "dvc", "repro", *(["--force"] if args.force else [])],
+                         env=_subprocess_env())
+    if rc != 0:
+        raise RuntimeError(f"dvc repro failed (exit {rc}); the failing stage's message is above")
+    print(summary_text("."))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from pixelops.stages import run_stage
+    from tasks.params import load_params
+
+    source = Path(args.source).resolve()
+    _set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}", *args.set])
+    outcome = run_stage("ingest", load_params(), record=True)
+    info = __import__("json").loads((load_params().paths.data / "ingest" / "version.json").read_text())
+    state = "unchanged (already ingested)" if outcome.skipped else "new"
+    print(f"dataset version {info['version']} ({state}): {info['n_images']} images {info['per_split']}, "
+          f"{info['n_quarantined']} quarantined")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from pixelops.stages import run_stage
+    from tasks.params import load_params
+
+    outcome = run_stage(args.command, load_params(overrides=args.set), record=not args.set)
+    if outcome.skipped:
+        print(f"{args.command}: up to date (dvc.lock), skipped")
+    else:
+        print(f"{args.command}: done in {outcome.seconds:.1f}s: {outcome.result}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    from tasks import curate
+
+    curate.launch_app(args.version, port=args.port)
+    return 0
+
+
+def cmd_status(args) -> int:
+    return subprocess.call([sys.executable, "-m", "dvc", "status"], env=_subprocess_env())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_set(p):
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param, DVC style (e.g. -S train.epochs=3)")
+        return p
+
+    run = with_set(sub.add_parser("run", help="run the pipeline (dvc repro; --flow for Prefect)"))
+    run.add_argument("--flow", action="store_true", help="run as a Prefect flow instead of dvc repro")
+    run.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
+    run.set_defaults(func=cmd_run)
+
+    ing = with_set(sub.add_parser("ingest", help="ingest SOURCE as the project's new dataset version"))
+    ing.add_argument("source", help="folder with idx files or class folders")
+    ing.add_argument("--format", default="auto", choices=["auto", "idx", "image-folder"])
+    ing.set_defaults(func=cmd_ingest)
+
+    for name in ("validate", "curate", "train", "evaluate"):
+        with_set(sub.add_parser(name, help=f"run the {name} stage")).set_defaults(func=cmd_stage)
+
+    app = sub.add_parser("app", help="open a dataset version in the FiftyOne App (127.0.0.1)")
+    app.add_argument("--port", type=int, default=5151)
+    app.add_argument("--version", default=None, help="dataset version (default: the current one)")
+    app.set_defaults(func=cmd_app)
+
+    sub.add_parser("status", help="what `dvc repro` would rerun").set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_environment()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one readable paragraph for people; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"pixelops {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

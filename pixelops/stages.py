@@ -1,0 +1,62 @@
+"""The stage registry and DVC's lock file as the one record of what is up to date.
+
+Both doors use this: `dvc repro` runs `python -m tasks.<stage>` and records dvc.lock; the
+Prefect flow and the CLI ask DVC (in-process) whether a stage is up to date, run the same
+stage function when it is not, then `commit` the stage so that `dvc repro` sees the work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("ingest", "validate", "curate", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    skipped: bool
+    seconds: float
+    result: object = None
+
+
+def stage_module(name: str):
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(f"tasks.{name}")
+
+
+def _repo(root: Path | str = "."):
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
+def is_up_to_date(stage: str, root: Path | str = ".") -> bool:
+    """True when dvc.lock records this stage with unchanged deps, params and outputs."""
+    with _repo(root) as repo:
+        return not repo.status(targets=[stage])
+
+
+def commit_stage(stage: str, root: Path | str = ".") -> None:
+    """Record the stage's current deps/params/outs in dvc.lock (what `dvc repro` would write)."""
+    with _repo(root) as repo:
+        repo.commit(stage, force=True)
+
+
+def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True) -> StageOutcome:
+    """Skip `stage` if DVC says it is up to date, else run `tasks.<stage>.run(params)` and commit.
+
+    `record=False` runs the function without consulting or updating dvc.lock (ad-hoc runs with
+    overridden params must not be recorded as if params.yaml had produced them).
+    """
+    t0 = time.perf_counter()
+    if record and is_up_to_date(stage, root):
+        return StageOutcome(stage, True, time.perf_counter() - t0)
+    result = stage_module(stage).run(params)
+    if record:
+        commit_stage(stage, root)
+    return StageOutcome(stage, False, time.perf_counter() - t0, result)

@@ -1,0 +1,122 @@
+"""Shared I/O: atomic writes, content hashes, and the canonical manifest schema.
+
+The manifest is the contract between stages (one row per image):
+    sample_id     unique id of the record: sha256(content_hash, split, source key)[:24]
+    content_hash  sha256 of the stored image file's bytes (identical images share it)
+    path          image path relative to the manifest's folder
+    label         class name (one of classes.json)
+    split         train | val | test
+    width, height, mode   decoded image facts
+    source_key    where the record came from inside the source (file path or idx index)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("source_key", pa.string()),
+    ]
+)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write via temp file + fsync + rename, so readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus umask).
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, data: object) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path | str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def save_table(table: pa.Table, path: Path | str) -> None:
+    """Write a Parquet table atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def load_table(path: Path | str) -> pa.Table:
+    return pq.read_table(path)
+
+
+def table_content_hash(table: pa.Table, columns: list[str]) -> str:
+    """Hash of a table's content independent of Parquet encoding and library versions.
+
+    Rows are hashed in sample_id order, so the same records give the same hash however
+    they were produced.
+    """
+    t = table.select(columns).sort_by("sample_id")
+    h = hashlib.sha256("\x1f".join(columns).encode())
+    for batch in t.to_batches(max_chunksize=65536):
+        cols = [c.to_pylist() for c in batch.columns]
+        for row in zip(*cols):
+            h.update(("\x1f".join("" if v is None else str(v) for v in row) + "\n").encode())
+    return h.hexdigest()

@@ -1,0 +1,177 @@
+"""Typed models of params.yaml; the only module that reads YAML.
+
+Every section of params.yaml has a model here with unknown keys rejected, so a typo in
+params.yaml or in a `-S section.key=value` override fails at load, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml or an override does not match the typed models."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Strict):
+    data: Path = Path("data")
+    reports: Path = Path("reports")
+
+
+class SourceParams(_Strict):
+    path: Path
+    format: Literal["auto", "idx", "image-folder"] = "auto"
+    classes: list[str] | None = None
+
+
+class IngestParams(_Strict):
+    source: SourceParams
+    limit_per_split: int | None = Field(default=None, ge=1)
+
+
+Severity = Literal["error", "warn"]
+
+
+class SeverityParams(_Strict):
+    label_in_class_map: Severity = "error"
+    no_nulls: Severity = "error"
+    unique_sample_id: Severity = "error"
+    split_allowed: Severity = "error"
+    image_size_in_bounds: Severity = "error"
+    min_per_class: Severity = "error"
+    no_cross_split_content: Severity = "warn"
+
+
+class ValidateParams(_Strict):
+    allowed_splits: list[str] = ["train", "val", "test"]
+    min_per_class: int = Field(default=1, ge=0)
+    min_width: int = Field(default=1, ge=1)
+    max_width: int = Field(default=100_000, ge=1)
+    min_height: int = Field(default=1, ge=1)
+    max_height: int = Field(default=100_000, ge=1)
+    severity: SeverityParams = SeverityParams()
+
+
+class CurateParams(_Strict):
+    fiftyone: bool = True
+    dataset_prefix: str = "pixelops"
+    exclude_duplicates: bool = True
+    exclude_leakage: bool = True
+
+
+class AugmentParams(_Strict):
+    flip_p: float = Field(default=0.5, ge=0, le=1)
+    pad_crop: int = Field(default=2, ge=0)
+    erasing_p: float = Field(default=0.0, ge=0, le=1)
+
+
+class TrainParams(_Strict):
+    model: Literal["mobilenet_v2", "resnet18", "resnet18_small"] = "mobilenet_v2"
+    weights: str | None = "IMAGENET1K_V1"
+    image_size: int = Field(default=32, ge=16)
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: float = Field(default=0.3, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    val_fraction: float = Field(default=0.05, ge=0, lt=1)
+    num_threads: int = Field(default=2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: Literal["auto", True, False] = "auto"
+    channels_last: bool = True
+    augment: AugmentParams = AugmentParams()
+
+
+class EvaluateParams(_Strict):
+    batch_size: int = Field(default=512, ge=1)
+
+
+class Params(_Strict):
+    seed: int = 0
+    paths: PathsParams = PathsParams()
+    ingest: IngestParams
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    curate: CurateParams = CurateParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validate_params(self) -> ValidateParams:
+        return self.validate_
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """Parse a DVC-style override `section.key=value`; the value is read as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` override set (the key path must exist)."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ParamsError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section of params.yaml")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ParamsError(f"override {text!r}: unknown key {'.'.join(keys)}; known here: {sorted(node)}")
+        node[keys[-1]] = value
+    return out
+
+
+def load_raw(path: Path | str = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def from_dict(data: dict, *, origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{origin}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml (plus `-S key=value` overrides) into the typed `Params` model."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return from_dict(raw, origin=str(path))
+
+
+def section_dict(params: Params, section: str) -> dict:
+    """One section as plain JSON-able data (for cache keys and params.resolved.yaml)."""
+    if section == "validate":
+        return params.validate_.model_dump(mode="json")
+    value = getattr(params, section)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def dump_resolved(params: Params, path: Path) -> None:
+    """Write the fully resolved params (defaults filled in) beside a stage's outputs."""
+    from tasks.io import atomic_write_text
+
+    data = params.model_dump(mode="json", by_alias=True)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

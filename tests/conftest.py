@@ -1,0 +1,62 @@
+"""Shared fixtures: the real params.yaml, shrunk; a tiny real Fashion-MNIST version.
+
+Environment is configured before anything imports prefect or fiftyone, with state in a
+per-session temp folder so tests never touch the project's .prefect/.fiftyone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_STATE = Path(tempfile.mkdtemp(prefix="pixelops-test-state-"))
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(_STATE / "fiftyone-db"))
+os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_STATE / "fiftyone-datasets"))
+# Tests share torch's hub cache with the project so the installed weights file is found.
+os.environ.setdefault("TORCH_HOME", str(ROOT / ".torch"))
+
+from tasks.env import configure_environment  # noqa: E402
+
+configure_environment(ROOT)
+
+from tasks.params import Params, apply_overrides, from_dict, load_raw  # noqa: E402
+
+TINY_OVERRIDES = [
+    "ingest.limit_per_split=300",
+    "validate.min_per_class=5",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.num_threads=1",
+    "train.device=cpu",
+    "evaluate.batch_size=128",
+]
+
+
+def tiny_params(tmp: Path, extra: list[str] | None = None) -> Params:
+    """params.yaml shrunk for tests, with outputs under `tmp`."""
+    raw = apply_overrides(load_raw(ROOT / "params.yaml"), TINY_OVERRIDES + (extra or []))
+    raw["paths"] = {"data": str(tmp / "data"), "reports": str(tmp / "reports")}
+    return from_dict(raw, origin="tiny params")
+
+
+@pytest.fixture
+def params_tiny(tmp_path) -> Params:
+    return tiny_params(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def ingested(tmp_path_factory):
+    """A tiny real dataset version (300 train + 300 test Fashion-MNIST images), made once."""
+    from tasks import ingest
+
+    tmp = tmp_path_factory.mktemp("ingested")
+    params = tiny_params(tmp)
+    result = ingest.run(params)
+    return params, result

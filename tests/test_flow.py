@@ -1,0 +1,72 @@
+"""The Prefect flow and `dvc repro` on one tiny real project: same work, one notion of done.
+
+A temporary project (git + DVC, a copy of tasks/ and dvc.yaml, params.yaml shrunk) runs the
+flow under Prefect's test harness, then DVC is asked in-process and by its CLI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.project import dvc, make_project, set_param
+from tests.conftest import TINY_OVERRIDES
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _project(tmp, extra=()):
+    return make_project(tmp / "project", [*TINY_OVERRIDES, "curate.fiftyone=false", *extra])
+
+
+def _ran(result):
+    return [s["stage"] for s in result["stages"] if not s["skipped"]]
+
+
+def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    from flows.pipeline import pipeline
+
+    tmp = _project(tmp_path)
+    monkeypatch.chdir(tmp)
+    first = pipeline()
+    assert _ran(first) == ["ingest", "validate", "curate", "train", "evaluate"]
+    assert (tmp / "reports" / "metrics.json").is_file()
+    with Repo(str(tmp)) as repo:
+        assert repo.status() == {}  # the flow's work is recorded in dvc.lock
+
+    repro = dvc(tmp, "repro")
+    assert repro.returncode == 0, repro.stderr
+    assert "didn't change, skipping" in repro.stdout and "Running stage" not in repro.stdout
+
+    assert _ran(pipeline()) == []  # nothing changed: every stage skipped
+
+    set_param(tmp, "train.lr", 0.002)
+    assert _ran(pipeline()) == ["train", "evaluate"]
+
+    set_param(tmp, "train.lr", 0.001)
+    repro = dvc(tmp, "repro")
+    assert repro.returncode == 0, repro.stderr
+    assert "Running stage 'train'" in repro.stdout and "Running stage 'ingest'" not in repro.stdout
+    assert _ran(pipeline()) == []  # after dvc repro, the flow does no stage work
+
+
+def test_failing_validation_stops_the_flow(harness, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from tasks.validate import ValidationFailed
+
+    tmp = _project(tmp_path, ["validate.min_per_class=1000"])
+    monkeypatch.chdir(tmp)
+    with pytest.raises(ValidationFailed, match="min_per_class"):
+        pipeline()
+    assert not (tmp / "data" / "curate").exists()  # nothing downstream ran
+    summary = json.loads((tmp / "reports" / "validate" / "summary.json").read_text())
+    assert summary["success"] is False
