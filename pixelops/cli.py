@@ -15,6 +15,7 @@ Errors print one paragraph and exit 1; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -70,15 +71,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _current_version(params) -> str | None:
+    path = params.paths.data / "ingest" / "version.json"
+    return json.loads(path.read_text())["version"] if path.is_file() else None
+
+
 def cmd_ingest(args) -> int:
     from pixelops.stages import run_stage
     from tasks.params import load_params
 
     source = Path(args.source).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    before = _current_version(load_params())
     _set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}", *args.set])
-    outcome = run_stage("ingest", load_params(), record=True)
-    info = __import__("json").loads((load_params().paths.data / "ingest" / "version.json").read_text())
-    state = "unchanged (already ingested)" if outcome.skipped else "new"
+    params = load_params()
+    run_stage("ingest", params, record=True)
+    info = json.loads((params.paths.data / "ingest" / "version.json").read_text())
+    state = "unchanged" if info["version"] == before else "new"
     print(f"dataset version {info['version']} ({state}): {info['n_images']} images {info['per_split']}, "
           f"{info['n_quarantined']} quarantined")
     return 0

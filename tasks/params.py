@@ -79,7 +79,7 @@ class TrainParams(_Strict):
     model: Literal["mobilenet_v2", "resnet18", "resnet18_small"] = "mobilenet_v2"
     weights: str | None = "IMAGENET1K_V1"
     image_size: int = Field(default=32, ge=16)
-    epochs: int = Field(default=4, ge=1)
+    epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
