@@ -54,7 +54,7 @@ def _publish_validation_failure(error) -> None:
                              description="Great Expectations gate: failed")
 
 
-@flow(name="pixelops-pipeline", log_prints=True)
+@flow(name="pixelops-pipeline")
 def pipeline(root: str = ".") -> dict:
     """Run every stage in order; each is skipped when DVC records it as up to date."""
     t0 = time.perf_counter()
