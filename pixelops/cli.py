@@ -21,30 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pixelops.params_file import set_params_file
 from tasks.env import configure_environment
-
-PARAMS = Path("params.yaml")
-
-
-def _set_params_file(overrides: list[str]) -> None:
-    """Write overrides into params.yaml, keeping its comments; refuse any that do not validate."""
-    from ruamel.yaml import YAML
-
-    from tasks.params import apply_overrides, from_dict, load_raw, parse_override
-
-    from_dict(apply_overrides(load_raw(PARAMS), overrides), origin=f"{PARAMS} with -S")  # raises first
-    yaml = YAML()  # round-trip mode: comments and key order survive
-    doc = yaml.load(PARAMS.read_text())
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = doc
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    tmp = PARAMS.with_suffix(".yaml.tmp")
-    with tmp.open("w") as f:
-        yaml.dump(doc, f)
-    os.replace(tmp, PARAMS)
 
 
 def _subprocess_env() -> dict:
@@ -58,7 +36,7 @@ def cmd_run(args) -> int:
     from tasks.report import summary_text
 
     if args.set:
-        _set_params_file(args.set)
+        set_params_file(args.set)
     if args.flow:
         from flows.pipeline import main as flow_main
 
@@ -84,7 +62,7 @@ def cmd_ingest(args) -> int:
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
     before = _current_version(load_params())
-    _set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}", *args.set])
+    set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}", *args.set])
     params = load_params()
     run_stage("ingest", params, record=True)
     info = json.loads((params.paths.data / "ingest" / "version.json").read_text())

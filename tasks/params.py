@@ -26,17 +26,34 @@ class _Strict(BaseModel):
 class PathsParams(_Strict):
     data: Path = Path("data")
     reports: Path = Path("reports")
+    versions: Path = Path("dataset-versions.jsonl")  # registry of every dataset version (git-tracked)
+
+
+FORMATS = ("auto", "idx", "image-folder", "csv", "parquet", "coco", "voc", "yolo")
 
 
 class SourceParams(_Strict):
     path: Path
-    format: Literal["auto", "idx", "image-folder"] = "auto"
+    format: Literal["auto", "idx", "image-folder", "csv", "parquet", "coco", "voc", "yolo"] = "auto"
     classes: list[str] | None = None
+
+
+class ArchiveParams(_Strict):
+    """Caps checked on an archive's member list before anything is extracted."""
+
+    max_members: int = Field(default=1_000_000, ge=1)
+    max_total_bytes: int = Field(default=50 * 2**30, ge=1)
+    max_ratio: float = Field(default=200.0, gt=1)  # uncompressed / compressed, per member and overall
 
 
 class IngestParams(_Strict):
     source: SourceParams
     limit_per_split: int | None = Field(default=None, ge=1)
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)  # quarantined / all; above it the stage fails
+    max_pixels: int = Field(default=100_000_000, ge=1)          # decompression-bomb cap per image
+    decode_timeout_s: float = Field(default=30.0, gt=0)         # per image, in the worker
+    workers: int = Field(default=0, ge=0)                        # 0: one per core
+    archive: ArchiveParams = ArchiveParams()
 
 
 Severity = Literal["error", "warn"]

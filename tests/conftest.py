@@ -42,7 +42,8 @@ TINY_OVERRIDES = [
 def tiny_params(tmp: Path, extra: list[str] | None = None) -> Params:
     """params.yaml shrunk for tests, with outputs under `tmp`."""
     raw = apply_overrides(load_raw(ROOT / "params.yaml"), TINY_OVERRIDES + (extra or []))
-    raw["paths"] = {"data": str(tmp / "data"), "reports": str(tmp / "reports")}
+    raw["paths"] = {"data": str(tmp / "data"), "reports": str(tmp / "reports"),
+                    "versions": str(tmp / "dataset-versions.jsonl")}
     return from_dict(raw, origin="tiny params")
 
 

@@ -1,0 +1,30 @@
+"""Edit params.yaml in place, keeping its comments: the `-S key=value` of `pixelops run/ingest`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+
+def set_params_file(overrides: list[str], path: Path | str = PARAMS) -> None:
+    """Write overrides into params.yaml atomically; refuse (changing nothing) any that do not validate."""
+    from ruamel.yaml import YAML
+
+    from tasks.params import apply_overrides, from_dict, load_raw, parse_override
+
+    path = Path(path)
+    from_dict(apply_overrides(load_raw(path), overrides), origin=f"{path} with -S")  # raises first
+    yaml = YAML()  # round-trip mode: comments and key order survive
+    doc = yaml.load(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    tmp = path.with_suffix(".yaml.tmp")
+    with tmp.open("w") as f:
+        yaml.dump(doc, f)
+    os.replace(tmp, path)
