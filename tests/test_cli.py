@@ -48,10 +48,11 @@ def test_ingest_image_folder_prints_version_and_records_it(tmp_path, monkeypatch
             for i in range(3):
                 Image.new("RGB", (20, 20 + i), colour).save(src / split / label / f"{i}.png")
     (src / "train" / "dog" / "bad.png").write_bytes(b"nope")
-    proc = _cli("ingest", str(src), "--format", "image-folder", cwd=project)
+    proc = _cli("ingest", str(src), "--format", "image-folder", "-S", "ingest.max_bad_fraction=0.5", cwd=project)
     assert proc.returncode == 0, proc.stderr
     version = json.loads((project / "data" / "ingest" / "version.json").read_text())["version"]
-    assert f"dataset version {version} (new)" in proc.stdout and "1 quarantined" in proc.stdout
+    assert f"dataset version {version} (new)" in proc.stdout
+    assert "1 quarantined {'not-an-image': 1}" in proc.stdout
     assert str(src) in (project / "params.yaml").read_text()  # the project's source is now this folder
     again = _cli("ingest", str(src), cwd=project)
     assert again.returncode == 0 and f"{version} (unchanged)" in again.stdout
