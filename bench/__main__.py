@@ -15,6 +15,7 @@ from tasks.env import configure_environment
 
 BENCHMARKS = {
     "pipeline": "flow vs direct stage calls (orchestration overhead); warm ÷ cold re-runs, both doors",
+    "ingest": "ingest images/s vs one-process PIL decode and `dvc add`; no-op re-ingest ÷ first; loose vs packed",
     "augment": "batched uint8 train preset vs per-sample torchvision transforms v2",
     "train_step": "MobileNetV2 training step: bf16 autocast and channels_last vs fp32 (CPU)",
 }

@@ -3,6 +3,7 @@
     pixelops run [--flow] [-S train.epochs=3]   the pipeline through `dvc repro` (or the Prefect flow)
     pixelops ingest SOURCE [--format F]         a source becomes the project's new dataset version
     pixelops validate|curate|train|evaluate     one stage (skipped when DVC says it is up to date)
+    pixelops versions | checkout ID | push      dataset versions: list, restore from DVC, push to the remote
     pixelops app [--port 5151]                  the current version in the FiftyOne App
     pixelops status                             what DVC would rerun
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from pixelops.params_file import set_params_file
 from tasks.env import configure_environment
+from tasks.params import FORMATS
 
 
 def _subprocess_env() -> dict:
@@ -66,11 +68,23 @@ def cmd_ingest(args) -> int:
                      "ingest.source.classes=null", *args.set])
     params = load_params()
     run_stage("ingest", params, record=True)
+    from pixelops.versions import sync_registry
+
+    sync_registry(params)
+    if not args.no_push and _default_remote():
+        cmd_push(argparse.Namespace(stages=["ingest"]))
     info = json.loads((params.paths.data / "ingest" / "version.json").read_text())
     state = "unchanged" if info["version"] == before else "new"
     print(f"dataset version {info['version']} ({state}): {info['n_images']} images {info['per_split']}, "
           f"{info['n_quarantined']} quarantined {info.get('quarantine_reasons') or ''}".rstrip())
     return 0
+
+
+def _default_remote() -> str | None:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return repo.config["core"].get("remote")
 
 
 def cmd_stage(args) -> int:
@@ -82,6 +96,40 @@ def cmd_stage(args) -> int:
         print(f"{args.command}: up to date (dvc.lock), skipped")
     else:
         print(f"{args.command}: done in {outcome.seconds:.1f}s: {outcome.result}")
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from pixelops.versions import list_versions
+    from tasks.params import load_params
+
+    entries = list_versions(load_params())
+    if not entries:
+        print("no dataset versions yet: run `pixelops ingest SOURCE` or `pixelops run`")
+        return 0
+    print(f"{'version':<14} {'created':<26} {'task':<15} {'images':>8}  {'splits':<28} {'parent':<14} source")
+    for e in entries:
+        splits = " ".join(f"{k}={v}" for k, v in e["per_split"].items())
+        stored = "" if e.get("dvc_md5") else "  (not recorded in DVC)"
+        print(f"{e['version']:<14} {e['created']:<26} {e['task']:<15} {e['n_images']:>8}  {splits:<28} "
+              f"{e['parent'] or '-':<14} {e['source']}{stored}")
+    return 0
+
+
+def cmd_checkout(args) -> int:
+    from pixelops.versions import checkout
+    from tasks.params import load_params
+
+    entry = checkout(args.version, load_params())
+    print(f"dataset version {entry['version']} checked out into data/ingest; params.yaml ingest section "
+          "restored; `pixelops run` continues from it")
+    return 0
+
+
+def cmd_push(args) -> int:
+    rc = subprocess.call([sys.executable, "-m", "dvc", "push", *args.stages], env=_subprocess_env())
+    if rc != 0:
+        raise RuntimeError(f"dvc push failed (exit {rc}); check the remote in .dvc/config (`dvc remote list`)")
     return 0
 
 
@@ -113,11 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = with_set(sub.add_parser("ingest", help="ingest SOURCE as the project's new dataset version"))
     ing.add_argument("source", help="folder with idx files or class folders")
-    ing.add_argument("--format", default="auto", choices=["auto", "idx", "image-folder"])
+    ing.add_argument("--format", default="auto", choices=list(FORMATS))
+    ing.add_argument("--no-push", action="store_true", help="do not push the version to the DVC remote")
     ing.set_defaults(func=cmd_ingest)
 
     for name in ("validate", "curate", "train", "evaluate"):
         with_set(sub.add_parser(name, help=f"run the {name} stage")).set_defaults(func=cmd_stage)
+
+    sub.add_parser("versions", help="list dataset versions (id, date, counts, source, parent)") \
+        .set_defaults(func=cmd_versions)
+    co = sub.add_parser("checkout", help="make an earlier dataset version current (from DVC's cache)")
+    co.add_argument("version")
+    co.set_defaults(func=cmd_checkout)
+    push = sub.add_parser("push", help="push outputs to the DVC remote (default: every stage)")
+    push.add_argument("stages", nargs="*", help="stages to push, e.g. ingest")
+    push.set_defaults(func=cmd_push)
 
     app = sub.add_parser("app", help="open a dataset version in the FiftyOne App (127.0.0.1)")
     app.add_argument("--port", type=int, default=5151)

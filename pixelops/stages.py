@@ -59,4 +59,8 @@ def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True
     result = stage_module(stage).run(params)
     if record:
         commit_stage(stage, root)
+        if stage == "ingest":
+            from pixelops.versions import sync_registry
+
+            sync_registry(params, root)  # the registry line learns the DVC hash of this version
     return StageOutcome(stage, False, time.perf_counter() - t0, result)

@@ -25,13 +25,14 @@ import json
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 
 from tasks import archive, formats, gate
+from tasks.ingest_cache import FactsCache, source_fingerprint
 from tasks.io import (
     ANNOTATION_SCHEMA,
     MANIFEST_SCHEMA,
@@ -137,6 +138,11 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
     params = params or IngestParams(source=source)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache = FactsCache.load(out_dir)
+    fingerprint = source_fingerprint(source.path, source.model_dump_json() + params.model_dump_json()) \
+        if Path(source.path).exists() else None
+    if fingerprint and cache.unchanged(fingerprint, out_dir):
+        return _result(json.loads((out_dir / "version.json").read_text()), out_dir)  # no-op re-ingest
     stage = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "images").mkdir(parents=True)
@@ -144,7 +150,10 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
         root = _open_source(source, params, stage)
         dataset = formats.read_source(root, format=source.format, classes=source.classes,
                                       limit_per_split=params.limit_per_split)
-        info = _build(dataset, stage, params, source_label=str(source.path))
+        extracted = stage in Path(root).parents  # extracted files are new each run: not cached
+        fresh = FactsCache()
+        info = _build(dataset, stage, params, source_label=str(source.path),
+                      cache=FactsCache() if extracted else cache, fresh=FactsCache() if extracted else fresh)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -160,6 +169,12 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
     shutil.rmtree(old, ignore_errors=True)
     if registry is not None:
         _register(Path(registry), info, params, parent)
+    if fingerprint:
+        fresh.save(out_dir, fingerprint=fingerprint, version=info["version"])
+    return _result(info, out_dir)
+
+
+def _result(info: dict, out_dir: Path) -> IngestResult:
     return IngestResult(
         version=info["version"], out_dir=str(out_dir), manifest=str(out_dir / "manifest.parquet"),
         task=info["task"], n_images=info["n_images"], n_annotations=info["n_annotations"],
@@ -168,7 +183,27 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
     )
 
 
-def _build(dataset, stage: Path, params: IngestParams, *, source_label: str) -> dict:
+def _gate(items: list, params: IngestParams, cache: FactsCache, fresh: FactsCache):
+    """(index, facts or rejection, sha256) for every item; files unchanged since a cached ingest
+    are neither decoded nor hashed again. `fresh` collects this run's files (the next cache)."""
+    work = []
+    for i, item in enumerate(items):
+        hit = cache.lookup(item.path) if item.path is not None else None
+        if hit:
+            fresh.remember(item.path, hit[0], hit[1], stat=hit[2])
+            yield i, gate.ImageFacts(**hit[1]), hit[0]
+        else:
+            work.append((i, item.path if item.path is not None else item.data))
+    for index, outcome, digest in gate.check_many(work, max_pixels=params.max_pixels,
+                                                   timeout_s=params.decode_timeout_s, workers=params.workers):
+        path = items[index].path
+        if path is not None and isinstance(outcome, gate.ImageFacts):
+            fresh.remember(path, digest, asdict(outcome))
+        yield index, outcome, digest
+
+
+def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cache: FactsCache,
+           fresh: FactsCache) -> dict:
     """Gate every item, store accepted images by content, write the tables into `stage`."""
     items = list(dataset.items)
     if not items:
@@ -176,9 +211,9 @@ def _build(dataset, stage: Path, params: IngestParams, *, source_label: str) -> 
     images, annotations, quarantine = (_columns(MANIFEST_SCHEMA), _columns(ANNOTATION_SCHEMA),
                                        _columns(QUARANTINE_SCHEMA))
     stored: set[str] = set()
-    work = [(i, item.path if item.path is not None else item.data) for i, item in enumerate(items)]
-    for index, outcome, digest in gate.check_many(work, max_pixels=params.max_pixels,
-                                                   timeout_s=params.decode_timeout_s, workers=params.workers):
+    for i in range(256):  # content-addressed fan-out folders, made once rather than per image
+        (stage / "images" / f"{i:02x}").mkdir(exist_ok=True)
+    for index, outcome, digest in sorted(_gate(items, params, cache, fresh), key=lambda r: r[0]):
         item = items[index]
         if isinstance(outcome, gate.Rejection):
             for k, v in zip(quarantine, (item.source_key, item.split, outcome.reason_code, outcome.detail)):
@@ -186,7 +221,6 @@ def _build(dataset, stage: Path, params: IngestParams, *, source_label: str) -> 
             continue
         rel = f"images/{digest[:2]}/{digest}{EXTENSIONS.get(outcome.format, '.img')}"
         if rel not in stored:  # identical bytes are stored once; source files are only read
-            (stage / rel).parent.mkdir(exist_ok=True)
             if item.path is not None:
                 shutil.copyfile(item.path, stage / rel)
             else:

@@ -56,7 +56,7 @@ def test_same_content_same_version(ingested, tmp_path):
     smaller = ingest(params.ingest.source, out_dir=tmp_path / "ingest",
                      params=params.ingest.model_copy(update={"limit_per_split": 200}))
     assert smaller.version != first.version
-    assert not list(tmp_path.glob(".ingest.*"))  # no staging folders left behind
+    assert not list(tmp_path.glob(".ingest.partial")) and not list(tmp_path.glob(".ingest.old"))
 
 
 def _deepforest_voc(dest: Path) -> Path:
@@ -179,3 +179,24 @@ def test_sigkill_keeps_previous_version_and_rerun_completes(tmp_path):
     rerun = _ingest_proc(project)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     assert json.loads((project / "data" / "ingest" / "version.json").read_text())["version"] == version
+
+
+def test_reingest_reuses_unchanged_files_and_noop(tmp_path, monkeypatch):
+    from tasks import gate
+    from tasks.ingest_cache import verify_version
+
+    src = _pets(tmp_path / "src")
+    first = ingest(SourceParams(path=src), out_dir=tmp_path / "out", params=_params(src))
+    checked = []
+    real = gate.check_many
+    monkeypatch.setattr(gate, "check_many", lambda work, **kw: (checked.extend(w[0] for w in work), real(work, **kw))[1])
+    noop = ingest(SourceParams(path=src), out_dir=tmp_path / "out", params=_params(src))
+    assert noop.version == first.version and checked == []  # nothing decoded or hashed
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(src / "train" / "cat" / "new.png")
+    changed = ingest(SourceParams(path=src), out_dir=tmp_path / "out", params=_params(src))
+    assert changed.version != first.version and changed.n_images == 13
+    assert len(checked) == 1  # only the new file went through the gate
+    assert verify_version(tmp_path / "out") == []
+    victim = next((tmp_path / "out" / "images").rglob("*.png"))
+    victim.write_bytes(b"tampered")
+    assert verify_version(tmp_path / "out") == [str(victim.relative_to(tmp_path / "out"))]
