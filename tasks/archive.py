@@ -27,8 +27,9 @@ raises ArchiveError naming the archive, the member and the rule:
 Extraction writes each member itself (no extractall): a new file opened with O_EXCL and
 O_NOFOLLOW under the staging folder, filled from the member's stream with a byte budget that
 stops as soon as a member yields more than it declared (and fails if it yields less). Tar
-archives are read as a stream, once to inspect and once to extract, each member compared
-with what was inspected. On any failure the staging folder is removed. Permissions, owners
+archives are read front to back (`r:*`; tarfile's `r|*` stream mode is quadratic on highly
+compressible headers), once to inspect and once to extract, each member compared with what
+was inspected. On any failure the staging folder is removed. Permissions, owners
 and times from the archive are not applied. `__MACOSX/` resource-fork folders are skipped.
 """
 
@@ -211,8 +212,9 @@ def inspect_archive(path: Path | str, *, caps: ArchiveParams) -> list[Member]:
                 for info in infos:
                     tally.add(_zip_member(archive, info, caps))
         else:
-            with tarfile.open(archive, "r|*") as tf:
-                for ti in tf:
+            with tarfile.open(archive, "r:*") as tf:
+                while (ti := tf.next()) is not None:
+                    tf.members.clear()  # read in order, no index needed; a million TarInfos would cost ~1 GB
                     tally.add(_tar_member(archive, ti))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
         last = tally.members[-1].name if tally.members else None  # the stream broke in or after it
@@ -285,9 +287,10 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
                     with zf.open(info) as src:
                         _copy_member(archive, member, src, dest, budget)
         else:
-            with tarfile.open(archive, "r|*") as tf:
+            with tarfile.open(archive, "r:*") as tf:
                 expected = iter(members)
-                for ti in tf:
+                while (ti := tf.next()) is not None:
+                    tf.members.clear()
                     current = ti.name
                     member = next(expected, None)
                     if member is None or _tar_member(archive, ti) != member:
@@ -309,6 +312,9 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise _error(archive, current, f"unreadable archive: {type(e).__name__}: {e}") from None
+    except OSError as e:  # a corrupt gzip stream, a full disk, a name clash on a case-insensitive disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _error(archive, current, f"extraction failed: {type(e).__name__}: {e}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image
 
+from tasks.gate import SINGLE_CHANNEL_MODES, load_canonical
 from tasks.params import AugmentParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,13 +23,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_images(rows: pd.DataFrame, images_root: Path, *, size: int, channels: int) -> torch.Tensor:
-    """Decode each row's image, resize to size×size, return uint8 (N, channels, size, size)."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    """Decode each row's image, resize to size×size, return uint8 (N, channels, size, size).
+
+    Pixels come from `gate.load_canonical`, the one mode/EXIF policy ingest, training,
+    evaluation and FiftyOne share (palette, alpha, CMYK, 16-bit and orientation handled there).
+    """
+    mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(rows), channels, size, size), dtype=torch.uint8)
     root = Path(images_root)
     for i, rel in enumerate(rows["path"]):
-        data = torch.frombuffer(bytearray((root / rel).read_bytes()), dtype=torch.uint8)
-        img = decode_image(data, mode=mode)
+        arr = np.asarray(load_canonical((root / rel).read_bytes(), mode=mode))
+        img = torch.from_numpy(arr.copy()).view(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
         if img.shape[-2:] != (size, size):
             img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True,
                                 align_corners=False).round().clamp(0, 255).to(torch.uint8)[0]
@@ -38,8 +42,9 @@ def load_images(rows: pd.DataFrame, images_root: Path, *, size: int, channels: i
 
 
 def image_channels(rows: pd.DataFrame) -> int:
-    """1 when every image is single-channel (kept small in memory, expanded per batch), else 3."""
-    return 1 if set(rows["mode"].unique()) <= {"L", "1", "I;16"} else 3
+    """1 when every image is single-channel by the gate's policy (kept small in memory and
+    expanded per batch), else 3."""
+    return 1 if set(rows["mode"].unique()) <= SINGLE_CHANNEL_MODES else 3
 
 
 def label_indices(rows: pd.DataFrame, classes: list[str]) -> torch.Tensor:

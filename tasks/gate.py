@@ -42,7 +42,8 @@ Mode and EXIF policy (one policy; `load_canonical` applies it, `ImageFacts.store
 
     Black, not white: it is what premultiplied alpha gives, matches the zero padding the
     augmentations use, and is what Fashion-MNIST-like dark backgrounds already look like.
-    Only the first frame of an animated GIF/WebP/APNG or a multi-picture JPEG is used.
+    Only the first frame of an animated GIF/WebP/APNG, a multi-page TIFF or a multi-picture
+    JPEG (MPO) is checked and used.
 
     A dataset whose images are all `stored_as == "L"` trains on L (1 channel); any other
     dataset trains on RGB: `load_canonical(data, mode="RGB")` expands L by copying the channel.
@@ -616,12 +617,16 @@ def _check_in_pool(items, *, max_pixels: int, timeout_s: float, n_workers: int, 
                 w.jobs.extend(chunk)
                 w.unacked += 1
 
-            while next_out in done:
-                index, outcome, digest = done.pop(next_out)
-                next_out += 1
-                yield index, outcome, digest
+            if next_out in done:
+                while next_out in done:
+                    index, outcome, digest = done.pop(next_out)
+                    next_out += 1
+                    yield index, outcome, digest
+                continue  # the window moved: dispatch more before waiting, or idle workers wait forever
             if exhausted and not requeued and next_out == n_read:
                 return
+            if not requeued and all(w.ready and not w.jobs for w in workers):
+                raise RuntimeError(f"gate: stalled with no work in flight at item {next_out} (a bug in check_many)")
 
             now = time.monotonic()
             deadlines = [d for w in workers if (d := w.deadline(timeout_s)) is not None]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -202,6 +203,16 @@ def _gate(items: list, params: IngestParams, cache: FactsCache, fresh: FactsCach
         yield index, outcome, digest
 
 
+def _progress(results, total: int, every: int = 10_000):
+    """Pass results through, printing a progress line every `every` images (long runs only)."""
+    t0 = time.perf_counter()
+    for n, result in enumerate(results, 1):
+        if n % every == 0:
+            print(f"ingest: {n}/{total} images checked ({n / (time.perf_counter() - t0):.0f}/s)",
+                  file=sys.stderr, flush=True)
+        yield result
+
+
 def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cache: FactsCache,
            fresh: FactsCache) -> dict:
     """Gate every item, store accepted images by content, write the tables into `stage`."""
@@ -213,7 +224,8 @@ def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cac
     stored: set[str] = set()
     for i in range(256):  # content-addressed fan-out folders, made once rather than per image
         (stage / "images" / f"{i:02x}").mkdir(exist_ok=True)
-    for index, outcome, digest in sorted(_gate(items, params, cache, fresh), key=lambda r: r[0]):
+    for index, outcome, digest in sorted(_progress(_gate(items, params, cache, fresh), len(items)),
+                                         key=lambda r: r[0]):
         item = items[index]
         if isinstance(outcome, gate.Rejection):
             for k, v in zip(quarantine, (item.source_key, item.split, outcome.reason_code, outcome.detail)):

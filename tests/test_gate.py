@@ -330,3 +330,18 @@ def test_hung_read_times_out_and_a_dead_worker_costs_one_image(corpus, tmp_path)
     killer.join(5)
     assert [(r[0], _code(r[1])) for r in results] == [(0, "facts"), (1, "decode-error"), (2, "facts"), (3, "facts")]
     assert "died" in results[1][1].detail
+
+
+def test_a_lagging_worker_does_not_stall_the_window(corpus, tmp_path):
+    # chunk_size=1 makes the look-ahead window 8 items: the fast worker fills it while the other
+    # decodes a slow image; once that image is done the window moves and work must flow again.
+    slow = tmp_path / "slow.png"
+    slow.write_bytes(_zeros_png(8000, 8000))
+    items = [(0, slow)] + [(i, corpus["ok.png"]) for i in range(1, 40)]
+    out: list = []
+    runner = threading.Thread(target=lambda: out.extend(
+        check_many(items, max_pixels=MAX_PIXELS, timeout_s=60, workers=2, chunk_size=1)), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "check_many stalled"
+    assert [(r[0], _code(r[1])) for r in out] == [(i, "facts") for i in range(40)]

@@ -200,3 +200,16 @@ def test_reingest_reuses_unchanged_files_and_noop(tmp_path, monkeypatch):
     victim = next((tmp_path / "out" / "images").rglob("*.png"))
     victim.write_bytes(b"tampered")
     assert verify_version(tmp_path / "out") == [str(victim.relative_to(tmp_path / "out"))]
+
+
+def test_exact_duplicates_are_reported_same_name_is_not(tmp_path):
+    src = tmp_path / "src"
+    for label, shade in (("cat", 10), ("dog", 200)):
+        (src / "train" / label).mkdir(parents=True)
+        (src / "test" / label).mkdir(parents=True)
+        Image.new("L", (8, 8), shade).save(src / "train" / label / "a.png")
+        Image.new("L", (8, 8), shade + 1).save(src / "test" / label / "a.png")  # same name, other bytes
+    shutil.copy(src / "train" / "cat" / "a.png", src / "train" / "dog" / "copy.png")  # same bytes
+    result = ingest(SourceParams(path=src), out_dir=tmp_path / "out", params=_params(src))
+    info = json.loads((tmp_path / "out" / "version.json").read_text())
+    assert result.n_images == 5 and info["n_duplicate_images"] == 1 and info["n_unique_files"] == 4
