@@ -243,12 +243,31 @@ def _copy_member(archive: Path, member: Member, src, dest: Path, budget: list[in
         raise _error(archive, member.name, f"yields {written:,} bytes, declared {member.size:,} (truncated)")
 
 
-def _destination(archive: Path, root: Path, member: Member) -> Path:
-    dest = root / member.path
-    # Belt and braces: _safe_path already refused escapes, and nothing we create is a link.
-    if not dest.resolve().is_relative_to(root):
-        raise _error(archive, member.name, "unsafe path: resolves outside the staging folder")
-    return dest
+class _Staging:
+    """Writes members under one fresh root: folders made once, every path checked without syscalls."""
+
+    def __init__(self, archive: Path, root: Path, caps: ArchiveParams):
+        self.archive, self.root = archive, root
+        self.prefix = str(root) + os.sep
+        self.made: set[str] = {str(root)}
+        self.budget = [caps.max_total_bytes]
+
+    def _folder(self, path: str) -> None:
+        if path not in self.made:
+            os.makedirs(path, exist_ok=True)
+            self.made.add(path)
+
+    def put(self, member: Member, open_stream) -> None:
+        dest = os.path.normpath(os.path.join(self.root, member.path))
+        # Belt and braces: _safe_path already refused escapes, and nothing created here is a link.
+        if not dest.startswith(self.prefix):
+            raise _error(self.archive, member.name, "unsafe path: resolves outside the staging folder")
+        if member.kind == "dir":
+            self._folder(dest)
+            return
+        self._folder(os.path.dirname(dest))
+        with open_stream() as src:
+            _copy_member(self.archive, member, src, Path(dest), self.budget)
 
 
 def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: ArchiveParams) -> Path:
@@ -266,8 +285,7 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
         raise ArchiveError(f"{archive}: staging folder {staging} exists and is not empty; extraction needs a new one")
     members = inspect_archive(archive, caps=caps)
     staging.mkdir(parents=True, exist_ok=True)
-    root = staging.resolve()
-    budget = [caps.max_total_bytes]
+    out = _Staging(archive, staging.resolve(), caps)
     current: str | None = None  # the member being written, for the error message
     try:
         if _kind(archive) == "zip":
@@ -277,15 +295,8 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
                     raise _error(archive, None, "changed between inspection and extraction")
                 for info, member in zip(infos, members):
                     current = member.name
-                    if _skipped(member.path):
-                        continue
-                    dest = _destination(archive, root, member)
-                    if member.kind == "dir":
-                        dest.mkdir(parents=True, exist_ok=True)
-                        continue
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src:
-                        _copy_member(archive, member, src, dest, budget)
+                    if not _skipped(member.path):
+                        out.put(member, lambda info=info: zf.open(info))
         else:
             with tarfile.open(archive, "r:*") as tf:
                 expected = iter(members)
@@ -295,18 +306,8 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
                     member = next(expected, None)
                     if member is None or _tar_member(archive, ti) != member:
                         raise _error(archive, ti.name, "changed between inspection and extraction")
-                    if _skipped(member.path):
-                        continue
-                    dest = _destination(archive, root, member)
-                    if member.kind == "dir":
-                        dest.mkdir(parents=True, exist_ok=True)
-                        continue
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(ti)
-                    if src is None:
-                        raise _error(archive, ti.name, "special member: no data stream")
-                    with src:
-                        _copy_member(archive, member, src, dest, budget)
+                    if not _skipped(member.path):
+                        out.put(member, lambda ti=ti: tf.extractfile(ti))  # a regular member: never None
                 if next(expected, None) is not None:
                     raise _error(archive, None, "changed between inspection and extraction (fewer members)")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks import archive, formats, gate
-from tasks.ingest_cache import FactsCache, source_fingerprint
+from tasks.ingest_cache import FactsCache, is_unchanged, source_fingerprint
 from tasks.io import (
     ANNOTATION_SCHEMA,
     MANIFEST_SCHEMA,
@@ -139,11 +139,11 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
     params = params or IngestParams(source=source)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    cache = FactsCache.load(out_dir)
     fingerprint = source_fingerprint(source.path, source.model_dump_json() + params.model_dump_json()) \
         if Path(source.path).exists() else None
-    if fingerprint and cache.unchanged(fingerprint, out_dir):
+    if fingerprint and is_unchanged(out_dir, fingerprint):
         return _result(json.loads((out_dir / "version.json").read_text()), out_dir)  # no-op re-ingest
+    cache = FactsCache.load(out_dir)
     stage = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "images").mkdir(parents=True)
@@ -233,14 +233,18 @@ def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cac
             continue
         rel = f"images/{digest[:2]}/{digest}{EXTENSIONS.get(outcome.format, '.img')}"
         if rel not in stored:  # identical bytes are stored once; source files are only read
-            if item.path is not None:
-                shutil.copyfile(item.path, stage / rel)
-            else:
-                (stage / rel).write_bytes(item.data)
+            data = item.path.read_bytes() if item.path is not None else item.data
+            if sha256_bytes(data) != digest:  # the file changed between the gate and now
+                outcome = gate.Rejection("changed-during-ingest", f"{item.source_key}: bytes differ from "
+                                         "those the gate checked; re-run ingest when the source is stable")
+                for k, v in zip(quarantine, (item.source_key, item.split, outcome.reason_code, outcome.detail)):
+                    quarantine[k].append(v)
+                continue
+            (stage / rel).write_bytes(data)
             stored.add(rel)
         sid = _sample_id(digest, item.split, item.source_key)
         row = (sid, digest, rel, item.label, item.split, outcome.width, outcome.height, outcome.mode,
-               item.source_key)
+               outcome.exif_orientation, item.source_key)
         for k, v in zip(images, row):
             images[k].append(v)
         _add_annotations(annotations, sid, item)

@@ -27,6 +27,21 @@ def cache_path(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.cache.json")
 
 
+def _stamp_path(out_dir: Path) -> Path:
+    # fingerprint + version apart from the per-file table, so a no-op check reads a few bytes
+    return out_dir.with_name(f".{out_dir.name}.stamp.json")
+
+
+def is_unchanged(out_dir: Path, fingerprint: str) -> bool:
+    """The source, params and code are as when `out_dir`'s version was made."""
+    try:
+        stamp = json.loads(_stamp_path(out_dir).read_text())
+        info = json.loads((out_dir / "version.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return stamp.get("fingerprint") == fingerprint and stamp.get("version") == info["version"]
+
+
 def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
@@ -43,9 +58,10 @@ def source_fingerprint(source: Path, params_json: str) -> str:
         return h.hexdigest()
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames.sort()
+        rel = os.path.relpath(dirpath, source)
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            h.update(json.dumps([os.path.relpath(path, source), *_stat_key(os.stat(path))]).encode())
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{rel}/{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()
 
 
@@ -80,13 +96,7 @@ class FactsCache:
     def save(self, out_dir: Path, *, fingerprint: str, version: str) -> None:
         self.data.update(fingerprint=fingerprint, version=version)
         atomic_write_text(cache_path(out_dir), json.dumps(self.data))
-
-    def unchanged(self, fingerprint: str, out_dir: Path) -> bool:
-        """The source, params and code are as when `out_dir`'s version was made."""
-        info = out_dir / "version.json"
-        if self.data["fingerprint"] != fingerprint or not info.is_file():
-            return False
-        return json.loads(info.read_text())["version"] == self.data["version"]
+        atomic_write_text(_stamp_path(out_dir), json.dumps({"fingerprint": fingerprint, "version": version}))
 
 
 def verify_version(out_dir: Path) -> list[str]:

@@ -6,7 +6,8 @@ The manifest is the contract between stages (one row per image):
     path          image path relative to the manifest's folder
     label         class name (one of classes.json)
     split         train | val | test
-    width, height, mode   decoded image facts
+    width, height, mode   decoded image facts (size as stored, before EXIF orientation)
+    exif_orientation      1..8 (1: none); load_canonical applies it, boxes need gate.orient_box
     source_key    where the record came from inside the source (file path or idx index)
 """
 
@@ -31,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("mode", pa.string()),
+        ("exif_orientation", pa.int8()),  # 1..8; boxes are in the stored grid (tasks/gate.orient_box)
         ("source_key", pa.string()),
     ]
 )
