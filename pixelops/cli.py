@@ -47,6 +47,10 @@ def cmd_run(args) -> int:
                          env=_subprocess_env())
     if rc != 0:
         raise RuntimeError(f"dvc repro failed (exit {rc}); the failing stage's message is above")
+    from pixelops.versions import sync_registry
+    from tasks.params import load_params
+
+    sync_registry(load_params())  # the registry line learns the DVC hash of the current version
     print(summary_text("."))
     return 0
 

@@ -89,6 +89,7 @@ def _register(path: Path, info: dict, params: IngestParams, parent: str | None) 
     entries = load_registry(path)
     if entries and entries[-1]["version"] == info["version"]:
         return
+    parent = parent if parent != info["version"] else None
     entries.append({
         "version": info["version"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -160,8 +161,11 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
         raise
     shutil.rmtree(stage / "extracted", ignore_errors=True)
 
-    parent = json.loads((out_dir / "version.json").read_text())["version"] if (out_dir / "version.json").is_file() \
-        else None
+    # `dvc repro` deletes a stage's outputs before running it, so the parent (the version current
+    # before this one) comes from the registry, falling back to the folder being replaced.
+    previous = load_registry(registry)[-1:] if registry is not None else []
+    parent = previous[0]["version"] if previous else (
+        json.loads((out_dir / "version.json").read_text())["version"] if (out_dir / "version.json").is_file() else None)
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
