@@ -17,11 +17,11 @@ from tasks.params import AugmentParams
 
 
 def _images(n: int) -> torch.Tensor:
-    from tasks.ingest import _read_idx
+    from tasks.formats import _read_idx
     from tasks.params import load_params
 
     root = load_params().ingest.source.path
-    raw = torch.from_numpy(_read_idx(root / "train-images-idx3-ubyte", 0x00000803)[:n].copy())
+    raw = torch.from_numpy(_read_idx(root / "train-images-idx3-ubyte.gz", 0x00000803)[:n].copy())
     return torch.nn.functional.interpolate(raw[:, None].float(), size=32, mode="bilinear").round().to(torch.uint8)
 
 
