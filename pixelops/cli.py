@@ -100,6 +100,9 @@ def cmd_stage(args) -> int:
         print(f"{args.command}: up to date (dvc.lock), skipped")
     else:
         print(f"{args.command}: done in {outcome.seconds:.1f}s: {outcome.result}")
+    if args.set:
+        print(f"note: ran with -S overrides, not recorded in dvc.lock; `pixelops run` brings the "
+              f"{args.command} outputs back in line with params.yaml")
     return 0
 
 
