@@ -18,6 +18,7 @@ BENCHMARKS = {
     "ingest": "ingest images/s vs one-process PIL decode and `dvc add`; no-op re-ingest ÷ first; loose vs packed",
     "augment": "batched uint8 train preset vs per-sample torchvision transforms v2",
     "train_step": "MobileNetV2 training step: bf16 autocast and channels_last vs fp32 (CPU)",
+    "validate": "validate gate on 1M detection boxes: GX path vs the same checks in pandas (time, peak RSS)",
 }
 
 

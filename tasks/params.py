@@ -60,23 +60,54 @@ Severity = Literal["error", "warn"]
 
 
 class SeverityParams(_Strict):
+    # images table (both tasks) and class shape; label_in_class_map checks box labels for detection
     label_in_class_map: Severity = "error"
     no_nulls: Severity = "error"
     unique_sample_id: Severity = "error"
     split_allowed: Severity = "error"
+    split_fraction_in_bounds: Severity = "error"
     image_size_in_bounds: Severity = "error"
     min_per_class: Severity = "error"
+    class_imbalance: Severity = "error"
     no_cross_split_content: Severity = "warn"
+    # detection only: the boxes table joined to its images
+    box_image_in_manifest: Severity = "error"
+    box_inside_image: Severity = "error"
+    box_positive_size: Severity = "error"
+    box_coords_ordered: Severity = "error"
+    box_area_in_bounds: Severity = "error"
+    max_boxes_per_image: Severity = "error"
+    box_not_xywh: Severity = "warn"
 
 
 class ValidateParams(_Strict):
     allowed_splits: list[str] = ["train", "val", "test"]
+    # [min, max] share of all images per split; a split absent from the data has share 0
+    split_fraction: dict[str, tuple[float, float]] = {"train": (0.4, 0.95), "val": (0.0, 0.3),
+                                                      "test": (0.05, 0.5)}
     min_per_class: int = Field(default=1, ge=0)
+    max_class_imbalance: float = Field(default=10.0, ge=1)  # per split: largest class / smallest
     min_width: int = Field(default=1, ge=1)
     max_width: int = Field(default=100_000, ge=1)
     min_height: int = Field(default=1, ge=1)
     max_height: int = Field(default=100_000, ge=1)
+    box_tolerance: float = Field(default=1.0, ge=0)        # px a box corner may lie outside its image
+    min_box_side: float = Field(default=1.0, gt=0)         # px: shortest allowed box side
+    min_box_area: float = Field(default=0.0, ge=0, le=1)   # box area / image area
+    max_box_area: float = Field(default=1.0, gt=0, le=1)
+    max_boxes_per_image: int = Field(default=1000, ge=1)
+    xywh_max_fraction: float = Field(default=0.01, ge=0, le=1)  # of boxes looking like xywh before box_not_xywh fails
     severity: SeverityParams = SeverityParams()
+
+    def model_post_init(self, context) -> None:  # pydantic reports a ValueError here as a validation error
+        for split, (lo, hi) in self.split_fraction.items():
+            if split not in self.allowed_splits:
+                raise ValueError(f"split_fraction.{split}: not one of allowed_splits {self.allowed_splits}")
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"split_fraction.{split}: [{lo}, {hi}] must satisfy 0 <= min <= max <= 1")
+        for lo, hi in (("min_width", "max_width"), ("min_height", "max_height"), ("min_box_area", "max_box_area")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}")
 
 
 class CurateParams(_Strict):
