@@ -12,7 +12,6 @@ re-ingest. For fmnist also `dvc add` of the folder packed into one tar (the layo
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import random
 import shutil
@@ -23,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 

@@ -16,8 +16,10 @@ def set_params_file(overrides: list[str], path: Path | str = PARAMS) -> None:
 
     path = Path(path)
     from_dict(apply_overrides(load_raw(path), overrides), origin=f"{path} with -S")  # raises first
-    yaml = YAML()  # round-trip mode: comments and key order survive
-    doc = yaml.load(path.read_text())
+    # ruamel's round-trip loader builds only plain mappings, lists and scalars (no arbitrary
+    # objects, unlike PyYAML's yaml.load), and keeps comments and key order on dump.
+    rt = YAML(typ="rt")
+    doc = rt.load(path.read_text())
     for text in overrides:
         keys, value = parse_override(text)
         node = doc
@@ -26,5 +28,5 @@ def set_params_file(overrides: list[str], path: Path | str = PARAMS) -> None:
         node[keys[-1]] = value
     tmp = path.with_suffix(".yaml.tmp")
     with tmp.open("w") as f:
-        yaml.dump(doc, f)
+        rt.dump(doc, f)
     os.replace(tmp, path)

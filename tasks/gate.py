@@ -419,6 +419,8 @@ def _worker_main(tasks, results, state, max_pixels: int) -> None:
                 return
             finished: list = []
             flushed = time.monotonic()
+            # The parent pickled this chunk on our own pipe (paths and bytes, never data from a
+            # file): the same trust as multiprocessing's own queues, which pickle too.
             for i, (seq, index, payload) in enumerate(pickle.loads(raw)):
                 now = time.monotonic()
                 state[1] = seq
