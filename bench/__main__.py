@@ -19,6 +19,7 @@ BENCHMARKS = {
     "augment": "batched uint8 train preset vs per-sample torchvision transforms v2",
     "train_step": "MobileNetV2 training step: bf16 autocast and channels_last vs fp32 (CPU)",
     "validate": "validate gate on 1M detection boxes: GX path vs the same checks in pandas (time, peak RSS)",
+    "curate": "FiftyOne load, re-sync and Brain signals at 10k/35k/70k samples: time, peak RSS, scaling exponents",
 }
 
 

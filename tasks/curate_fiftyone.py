@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.env import configure_environment
+from tasks import fo_service
+from tasks.params import DatabaseParams
 
 # Scalar sample fields written from the manifest; the FiftyOne field type by name.
 SCALAR_FIELDS = {
@@ -27,47 +28,21 @@ SCALAR_FIELDS = {
     "exclusion_reason": "StringField",
 }
 REQUIRED_COLUMNS = ("path", "label", "tags", *SCALAR_FIELDS)
-LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
 class FiftyOneSyncError(RuntimeError):
     """FiftyOne's database or a dataset is not what the curate stage expects."""
 
 
-def import_fiftyone():
-    """Configure the environment, import FiftyOne, and check which database it reached."""
-    configure_environment()
-    import fiftyone as fo
+def import_fiftyone(database: DatabaseParams):
+    """FiftyOne, connected to the project's database service (or the user's MongoDB).
 
-    _check_database(fo)
-    return fo
-
-
-def _check_database(fo) -> None:
-    """Refuse to write into a database other than FIFTYONE_DATABASE_DIR's.
-
-    FiftyOne's bundled service attaches to any running FiftyOne mongod of this user,
-    whatever its --dbpath, so with the App open on the project database a test run
-    (or a run with another FIFTYONE_DATABASE_DIR) would silently write there.
+    Raises FiftyOneSyncError within `database.timeout_s` when the database is down.
     """
-    if fo.config.database_uri:  # a server the user runs: where it lives is theirs to decide
-        return
-    from fiftyone.core.odm import get_db_client
-
-    opts = get_db_client().admin.command("getCmdLineOpts")["parsed"]
-    actual = opts.get("storage", {}).get("dbPath", "")
-    wanted = fo.config.database_dir
-    if os.path.realpath(actual) != os.path.realpath(wanted):
-        raise FiftyOneSyncError(
-            f"FiftyOne attached to a running database at {actual}, but FIFTYONE_DATABASE_DIR is "
-            f"{wanted}: FiftyOne reuses any running FiftyOne mongod of this user. Stop the other "
-            "process (see `pgrep -a mongod`) and retry."
-        )
-    # mongod >= 3.6 listens on localhost only unless given --bind_ip; FiftyOne passes none.
-    bind = opts.get("net", {}).get("bindIp", "localhost")
-    exposed = [ip for ip in bind.split(",") if ip.strip() not in LOOPBACK]
-    if exposed:
-        raise FiftyOneSyncError(f"FiftyOne's mongod listens on {bind}; expected loopback only")
+    try:
+        return fo_service.connect(database)
+    except fo_service.DatabaseUnavailable as e:
+        raise FiftyOneSyncError(str(e)) from e
 
 
 def _missing_to_none(values) -> list:
@@ -146,8 +121,10 @@ def _update(fo, dataset, rows: pd.DataFrame, managed_tags: set[str]) -> bool:
         wanted = want[field].tolist()
         if field == "tags":
             # Keep tags a curator added in the App; only the stage's own tags are rewritten.
-            wanted = [[t for t in h or [] if t not in managed_tags] + w for h, w in zip(have, wanted)]
-        diff = {i: w for i, h, w in zip(fo_ids, have, wanted) if h != w}
+            wanted = [w + [t for t in h or [] if t not in managed_tags and t not in w] for h, w in zip(have, wanted)]
+            diff = {i: w for i, h, w in zip(fo_ids, have, wanted) if set(h or []) != set(w)}
+        else:
+            diff = {i: w for i, h, w in zip(fo_ids, have, wanted) if h != w}
         if diff:
             dataset.set_values(field, diff, key_field="id", progress=False)
             changed = True
@@ -168,42 +145,30 @@ def _finish(dataset, classes: list[str], saved_views: dict[str, str]) -> None:
 
 
 def sync(manifest_df: pd.DataFrame, *, images_root: Path, dataset_name: str, classes: list[str],
-         saved_views: dict[str, str], managed_tags: set[str]) -> dict:
+         saved_views: dict[str, str], managed_tags: set[str], database: DatabaseParams,
+         create_only: bool = False) -> dict:
     """Make the persistent dataset `dataset_name` hold exactly the manifest's samples.
 
     Args:
         manifest_df: curated rows (see REQUIRED_COLUMNS); `path` relative to images_root.
         saved_views: view name -> sample tag it matches, saved on the dataset.
         managed_tags: tags the stage owns; others (a curator's) survive an update.
+        create_only: make sure the dataset holds these samples, but leave an existing
+            matching one as it is (action "exists"); signals need samples before the
+            final field values are known.
     Returns: {"dataset", "action" (created | rebuilt | updated | unchanged), "n_samples", "seconds"}.
     """
     start = time.perf_counter()
-    fo = import_fiftyone()
+    fo = import_fiftyone(database)
     rows = expected_rows(manifest_df, images_root)
     dataset, deleted = _open_matching(fo, dataset_name, rows)
     if dataset is None:
         dataset = _create(fo, dataset_name, rows)
         action = "rebuilt" if deleted else "created"
+    elif create_only:
+        action = "exists"
     else:
         action = "updated" if _update(fo, dataset, rows, managed_tags) else "unchanged"
     _finish(dataset, classes, saved_views)
     return {"dataset": dataset_name, "action": action, "n_samples": len(dataset),
             "seconds": round(time.perf_counter() - start, 2)}
-
-
-def serve_app(dataset_name: str, *, port: int, address: str) -> None:
-    """Serve the FiftyOne App on `address:port` for one dataset until interrupted (Ctrl-C)."""
-    fo = import_fiftyone()
-    if dataset_name not in fo.list_datasets():
-        known = [n for n in fo.list_datasets() if n.split("-")[0] == dataset_name.split("-")[0]]
-        raise FiftyOneSyncError(f"no FiftyOne dataset {dataset_name!r} in {fo.config.database_dir}; "
-                                f"run `python -m tasks.curate` first. Existing: {known or 'none'}")
-    session = fo.launch_app(fo.load_dataset(dataset_name), remote=True, address=address, port=port)
-    print(f"FiftyOne App for {dataset_name}: http://{address}:{port}/  (Ctrl-C to stop)", flush=True)
-    try:
-        # wait(-1): a remote App must outlive closed or reloaded browser tabs.
-        session.wait(-1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        session.close()

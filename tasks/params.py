@@ -27,6 +27,8 @@ class PathsParams(_Strict):
     data: Path = Path("data")
     reports: Path = Path("reports")
     versions: Path = Path("dataset-versions.jsonl")  # registry of every dataset version (git-tracked)
+    curation: Path = Path("curation")  # curators' decisions per dataset version (git-tracked CSVs)
+    cache: Path = Path(".cache")  # recomputable caches (embeddings), never versioned
 
 
 FORMATS = ("auto", "idx", "image-folder", "csv", "parquet", "coco", "voc", "yolo")
@@ -110,11 +112,31 @@ class ValidateParams(_Strict):
                 raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}")
 
 
+class DatabaseParams(_Strict):
+    uri: str | None = None  # a MongoDB of your own; null: the project's mongod on 127.0.0.1:port
+    port: int = Field(default=27027, ge=1024, le=65535)
+    dir: Path = Path(".fiftyone/db")
+    timeout_s: float = Field(default=5.0, gt=0)
+    cache_size_gb: float = Field(default=1.0, ge=0.25)
+
+
+class SignalsParams(_Strict):
+    enabled: bool = True
+    embedding_dim: int = Field(default=64, ge=2)  # PCA of the backbone's features
+    batch_size: int = Field(default=512, ge=1)
+    near_duplicate_threshold: float = Field(default=0.025, gt=0, lt=2)  # cosine distance
+    mislabeled_fraction: float = Field(default=0.05, gt=0, le=1)  # size of the likely-mislabeled view
+
+
 class CurateParams(_Strict):
     fiftyone: bool = True
     dataset_prefix: str = "pixelops"
     exclude_duplicates: bool = True
     exclude_leakage: bool = True
+    exclude_near_leakage: bool = True  # train/val near-duplicates of test images (needs signals)
+    app_port: int = Field(default=5151, ge=1024, le=65535)
+    database: DatabaseParams = DatabaseParams()
+    signals: SignalsParams = SignalsParams()
 
 
 class AugmentParams(_Strict):

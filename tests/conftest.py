@@ -6,6 +6,7 @@ per-session temp folder so tests never touch the project's .prefect/.fiftyone.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import tempfile
@@ -17,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 _STATE = Path(tempfile.mkdtemp(prefix="pixelops-test-state-"))
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
-os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(_STATE / "fiftyone-db"))
 os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_STATE / "fiftyone-datasets"))
 # Tests share torch's hub cache with the project so the installed weights file is found.
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".torch"))
@@ -25,6 +25,31 @@ os.environ.setdefault("TORCH_HOME", str(ROOT / ".torch"))
 from tasks.env import configure_environment  # noqa: E402
 
 configure_environment(ROOT)
+
+from tasks import fo_service  # noqa: E402
+from tasks.params import DatabaseParams  # noqa: E402
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# One FiftyOne database service for the whole session, in the temp state folder, started the
+# way users start theirs (tasks.fo_service); every test and subprocess reaches it by URI.
+# Guarded: this file is imported twice (as conftest and as tests.conftest).
+if os.environ.get("PIXELOPS_TEST_DB_OWNER") != str(os.getpid()):
+    os.environ.pop("FIFTYONE_DATABASE_URI", None)  # never the user's own database
+    TEST_DB = fo_service.spec_for(DatabaseParams(port=_free_port(), dir=_STATE / "fiftyone-db", cache_size_gb=0.25))
+    fo_service.start(TEST_DB)
+    os.environ["FIFTYONE_DATABASE_URI"] = TEST_DB.uri
+    os.environ["PIXELOPS_TEST_DB_OWNER"] = str(os.getpid())
+    # atexit runs last-registered first: registered before fiftyone is imported, this stop
+    # runs after FiftyOne's own exit handlers, which still talk to the database.
+    atexit.register(fo_service.stop, TEST_DB)
 
 from tasks.params import Params, apply_overrides, from_dict, load_raw  # noqa: E402
 
@@ -43,7 +68,8 @@ def tiny_params(tmp: Path, extra: list[str] | None = None) -> Params:
     """params.yaml shrunk for tests, with outputs under `tmp`."""
     raw = apply_overrides(load_raw(ROOT / "params.yaml"), TINY_OVERRIDES + (extra or []))
     raw["paths"] = {"data": str(tmp / "data"), "reports": str(tmp / "reports"),
-                    "versions": str(tmp / "dataset-versions.jsonl")}
+                    "versions": str(tmp / "dataset-versions.jsonl"), "curation": str(tmp / "curation"),
+                    "cache": str(tmp / "cache")}
     return from_dict(raw, origin="tiny params")
 
 

@@ -97,7 +97,8 @@ def test_curate_reports_missing_inputs(tmp_path, params_tiny):
 def curated(ingested, tmp_path_factory):
     params, ingest_result = ingested
     out_dir = tmp_path_factory.mktemp("curated") / "curate"
-    result = cur.curate(Path(ingest_result.out_dir), params=params.curate, out_dir=out_dir)
+    result = cur.curate(Path(ingest_result.out_dir), params=params.curate, out_dir=out_dir,
+                        curation_dir=params.paths.curation, cache_dir=params.paths.cache)
     return params, ingest_result, result, out_dir
 
 
@@ -126,10 +127,11 @@ def test_fiftyone_dataset_holds_the_version(curated, fo):
     _, ingest_result, result, _ = curated
     ds = fo.load_dataset(result.dataset_name)
     assert ds.persistent and len(ds) == result.n_samples
-    assert ds.count_sample_tags() == ingest_result.per_split      # 300 train, 300 test
+    splits = {t: n for t, n in ds.count_sample_tags().items() if t in ingest_result.per_split}
+    assert splits == ingest_result.per_split      # 300 train, 300 test
     assert ds.default_classes == ingest_result.classes
     assert {"duplicates", "leaky"} <= set(ds.list_saved_views())
-    sample = ds.first()
+    sample = ds.match(fo.ViewField("excluded") == False).first()  # noqa: E712 (a query, not a test)
     assert os.path.isabs(sample.filepath) and os.path.isfile(sample.filepath)
     assert isinstance(sample.ground_truth, fo.Classification) and sample.ground_truth.label in ds.default_classes
     assert sample.excluded is False and sample.exclusion_reason is None
@@ -139,7 +141,8 @@ def test_fiftyone_dataset_holds_the_version(curated, fo):
 
 def test_curate_twice_is_idempotent(curated, fo):
     params, ingest_result, first, out_dir = curated
-    again = cur.curate(Path(ingest_result.out_dir), params=params.curate, out_dir=out_dir)
+    again = cur.curate(Path(ingest_result.out_dir), params=params.curate, out_dir=out_dir,
+                       curation_dir=params.paths.curation, cache_dir=params.paths.cache)
     assert again.fiftyone["action"] == "unchanged"
     ds = fo.load_dataset(first.dataset_name)
     ids = ds.values("sample_id")
@@ -171,18 +174,9 @@ def test_sync_updates_in_place_and_rebuilds_on_other_ids(curated, fo, manifest_d
     fo.delete_dataset(name)
 
 
-def test_database_listens_on_loopback_only(curated, fo):
-    import psutil
-
-    wanted = os.path.realpath(fo.config.database_dir)
-    mongods = [p for p in psutil.process_iter(["name", "cmdline"])
-               if p.info["name"] == "mongod" and wanted in map(os.path.realpath, p.info["cmdline"] or [])]
-    assert len(mongods) == 1
-    listening = [c.laddr.ip for c in mongods[0].net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    assert listening and set(listening) <= {"127.0.0.1", "::1"}
-
-
 def test_launch_app_names_a_missing_dataset(curated):
     params = curated[0]
-    with pytest.raises(cur.curate_fiftyone.FiftyOneSyncError, match="run `python -m tasks.curate` first"):
+    from tasks.fo_app import AppError
+
+    with pytest.raises(AppError, match="no FiftyOne dataset 'pixelops-vdoesnotexist'"):
         cur.launch_app("vdoesnotexist", params=params)
