@@ -71,6 +71,7 @@ BRAIN_CALLS = ("compute_uniqueness", "compute_representativeness", "compute_near
                "compute_leaky_splits")
 RESULT_MARK = "BENCH-CURATE-RESULT "  # FiftyOne logs to stdout; the figures line is marked
 CHILD_TIMEOUT_S = 3600
+REPEATS = 2  # load, re-sync and signals per scale, each time on a new dataset; the faster run counts
 
 
 # --------------------------------------------------------------------------- memory of a process
@@ -285,7 +286,7 @@ def _measure(step: str, args: dict, mongod_pid: int | None) -> dict:
     """Run one step in a fresh process; its figures plus mongod's peak and resident MB."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     reset = mongod_pid is not None and _reset_peak(mongod_pid)
-    print(f"curate bench: {step} N={args.get('n', '')} ...", file=sys.stderr, flush=True)
+    print(f"curate bench: {step} N={args.get('n', 'all rows')} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", "bench.curate", step, json.dumps(args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
@@ -314,13 +315,25 @@ def _exponent(ns: list[int], ys: list[float]) -> float | None:
     return float(np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)[0])
 
 
-def _n_at_time(ns: list[int], ts: list[float], limit_s: float) -> tuple[float | None, int | None]:
-    """(b, N where the local power law through the two largest scales reaches limit_s)."""
-    b = _exponent(ns[-2:], ts[-2:])
-    if b is None or b <= 0:
-        return b, None
-    n = ns[-1] * (limit_s / ts[-1]) ** (1 / b)
-    return b, int(n) if n <= PROJECT_AT_MOST * ns[-1] else None
+def _n_at_time(ns: list[int], ts: list[float], limit_s: float) -> tuple[dict | None, int | None]:
+    """(model, N where t = a·N + c·N² through the two largest scales reaches limit_s).
+
+    Linear plus quadratic because that is the cost model read from the code (database reads
+    and writes per sample; exhaustive neighbor search over all pairs); a and c are kept >= 0
+    (a negative one is dropped and the other refitted through the largest scale).
+    """
+    if len(ns) < 2 or ns[-1] == ns[-2] or not ts[-1] or ts[-1] <= 0:
+        return None, None
+    (n1, n2), (t1, t2) = ns[-2:], ts[-2:]
+    c = (t2 / n2 - t1 / n1) / (n2 - n1)
+    a = t2 / n2 - c * n2
+    if c < 0:
+        a, c = t2 / n2, 0.0
+    elif a < 0:
+        a, c = 0.0, t2 / n2**2
+    n = limit_s / a if c == 0 else (-a + math.sqrt(a * a + 4 * c * limit_s)) / (2 * c)
+    model = {"a_s_per_1000": round(a * 1000, 4), "c_s_per_1000_squared": round(c * 1e6, 6)}
+    return model, int(n) if n <= PROJECT_AT_MOST * ns[-1] else None
 
 
 def _n_at_memory(ns: list[int], ms: list[float], limit_mb: float) -> tuple[float | None, int | None]:
@@ -338,14 +351,17 @@ def _scaling(scales: list[int], per: dict, limit_mb: float) -> dict:
     """Exponents and the projected N where each step hits TIME_LIMIT_S or limit_mb."""
     big = [n for n in scales if n > (per[scales[-1]]["signals"]["dense_limit"] or 0)]
     out: dict = {"time_limit_s": TIME_LIMIT_S, "memory_limit_mb": round(limit_mb),
-                 "fit": "time: power law through the two largest scales (b also over all scales); "
-                        "memory: straight line through the two largest scales; None: not reached "
-                        f"within {PROJECT_AT_MOST}× the largest scale (or not growing)",
+                 "fit": "time_exponent: b of t ∝ N^b between the two largest scales (also over all scales); "
+                        "n_at_time_limit: t = a·N + c·N² (a, c >= 0) through the two largest scales; "
+                        "n_at_memory_limit: a straight line through the two largest scales; None: not "
+                        f"reached within {PROJECT_AT_MOST}× the largest scale (or not growing)",
                  "brute_force_scales": big, "steps": {}}
     series = {
         "load": ([per[n]["load"]["seconds"] for n in scales], [per[n]["load"]["peak_rss_mb"] for n in scales]),
         "resync": ([per[n]["resync"]["seconds"] for n in scales], [per[n]["resync"]["peak_rss_mb"] for n in scales]),
         "signals": ([per[n]["signals"]["seconds"] for n in scales], [per[n]["signals"]["peak_rss_mb"] for n in scales]),
+        "reduce": ([per[n]["signals"]["reduce"]["seconds"] for n in scales],
+                   [per[n]["signals"]["reduce"]["peak_rss_mb"] for n in scales]),
         **{f"signals.{c}": ([per[n]["signals"]["calls"][c]["seconds"] for n in scales],
                             [per[n]["signals"]["calls"][c]["peak_rss_mb"] for n in scales]) for c in BRAIN_CALLS},
     }
@@ -354,12 +370,31 @@ def _scaling(scales: list[int], per: dict, limit_mb: float) -> dict:
         series["load+mongod"] = ([per[n]["load"]["seconds"] for n in scales],
                                  [m + p for m, p in zip(mongod, series["load"][1])])
     for name, (ts, ms) in series.items():
-        b, n_time = _n_at_time(scales, ts, TIME_LIMIT_S)
+        model, n_time = _n_at_time(scales, ts, TIME_LIMIT_S)
         per_k, n_mem = _n_at_memory(scales, ms, limit_mb)
-        out["steps"][name] = {"time_exponent": None if b is None else round(b, 2),
+        out["steps"][name] = {"time_exponent": _round(_exponent(scales[-2:], ts[-2:]), 2),
                               "time_exponent_all_scales": _round(_exponent(scales, ts), 2),
-                              "n_at_time_limit": n_time, "mb_per_1000_samples": per_k, "n_at_memory_limit": n_mem}
+                              "time_model": model, "n_at_time_limit": n_time,
+                              "mb_per_1000_samples": per_k, "n_at_memory_limit": n_mem}
     return out
+
+
+def _embed_scaling(embed: dict, limit_mb: float) -> dict:
+    """Embedding is linear by construction (every image decoded and held, one forward each)."""
+    s_per, mb_per = embed["seconds"] / embed["n"], max(embed["peak_above_start_mb"], 1e-9) / embed["n"]
+    return {"measured_at": embed["n"], "fit": "linear through the origin from the one measured scale",
+            "n_at_time_limit": int(TIME_LIMIT_S / s_per),
+            "n_at_memory_limit": int((limit_mb - (embed["peak_rss_mb"] - embed["peak_above_start_mb"])) / mb_per)}
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest run of a step, with every run's time (and each Brain call's) alongside."""
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["seconds_all"] = [r["seconds"] for r in runs]
+    if "calls" in best:
+        best["calls"] = {c: {**v, "seconds_all": [r["calls"][c]["seconds"] for r in runs]}
+                         for c, v in best["calls"].items()}
+    return best
 
 
 def _round(x: float | None, d: int) -> float | None:
@@ -394,7 +429,7 @@ def _table(scales: list[int], per: dict) -> str:
 
 
 def run(size: int | None = None, *, scales: tuple[int, ...] | None = None, params=None,
-        ingest_dir: Path | None = None, database_uri: str | None = None) -> dict:
+        ingest_dir: Path | None = None, database_uri: str | None = None, repeats: int = REPEATS) -> dict:
     """Measure load, re-sync and Brain signals at each scale; returns the figures.
 
     Args:
@@ -403,6 +438,8 @@ def run(size: int | None = None, *, scales: tuple[int, ...] | None = None, param
         params: a loaded Params (default params.yaml): curate.signals and train are used.
         ingest_dir: the ingested version (default `paths.data`/ingest).
         database_uri: reuse this running MongoDB instead of starting a fresh mongod.
+        repeats: runs of (load, resync, signals) per scale, each on a new dataset; per step
+            the fastest counts (all times are kept as seconds_all).
     """
     from tasks.io import load_table, read_json
     from tasks.params import load_params, section_dict
@@ -424,7 +461,7 @@ def run(size: int | None = None, *, scales: tuple[int, ...] | None = None, param
     sig = params.curate.signals
     order = np.random.default_rng(0).permutation(manifest.num_rows)[: scales[-1]]
     figures: dict = {
-        "version": version, "scales": scales, "machine_memory_gib": _machine_gib(),
+        "version": version, "scales": scales, "repeats": repeats, "machine_memory_gib": _machine_gib(),
         "signals": {"embedding_dim": sig.embedding_dim, "threshold": sig.near_duplicate_threshold,
                     "model": params.train.model, "image_size": params.train.image_size},
         "memory": "VmHWM of each step's own process, reset just before the timed call; mongod VmHWM reset "
@@ -447,15 +484,19 @@ def run(size: int | None = None, *, scales: tuple[int, ...] | None = None, param
                                        "cache_dir": str(tmp / "cache"), "batch_size": sig.batch_size}, pid)
             figures["embedding"] = embed
             for n in scales:
-                name = f"pixelops-bench-curate-{n}-{uuid.uuid4().hex[:8]}"
-                step = {**common, "n": n, "dataset": name}
-                per[n] = {"load": _measure("load", step, pid), "resync": _measure("resync", step, pid),
-                          "signals": _measure("signals", {**step, "cache_file": embed["cache_file"],
-                                                          "dim": sig.embedding_dim,
-                                                          "threshold": sig.near_duplicate_threshold}, pid)}
+                runs = []
+                for _ in range(repeats):
+                    step = {**common, "n": n, "dataset": f"pixelops-bench-curate-{n}-{uuid.uuid4().hex[:8]}"}
+                    runs.append({
+                        "load": _measure("load", step, pid), "resync": _measure("resync", step, pid),
+                        "signals": _measure("signals", {**step, "cache_file": embed["cache_file"],
+                                                        "dim": sig.embedding_dim,
+                                                        "threshold": sig.near_duplicate_threshold}, pid)})
+                per[n] = {k: _best([r[k] for r in runs]) for k in ("load", "resync", "signals")}
     figures["per_scale"] = {str(n): per[n] for n in scales}
     limit_mb = MEMORY_LIMIT_GIB * 1024
     figures["scaling"] = _scaling(scales, per, limit_mb)
+    figures["scaling"]["steps"]["embed"] = _embed_scaling(embed, limit_mb)
     ratios = {f"re-sync / first load, N={n:,}": per[n]["resync"]["seconds"] / per[n]["load"]["seconds"]
               for n in scales}
     for name in ("load", "resync", "signals"):

@@ -22,6 +22,8 @@ def make_project(dest: Path, overrides: list[str]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "tasks", dest / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "curation").mkdir(exist_ok=True)  # curators' decisions: a dep of stage curate
+    shutil.copy(ROOT / "curation" / "README.md", dest / "curation" / "README.md")
     raw = apply_overrides(load_raw(ROOT / "params.yaml"), overrides)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: ingest → validate → curate → train → evaluate.
+"""The pipeline as a Prefect flow: ingest → validate → curate → train → evaluate → review.
 
 Each stage is one Prefect task that calls pixelops.stages.run_stage: DVC's lock file decides
 whether the stage is up to date (so this flow and `dvc repro` agree), the stage function
@@ -18,13 +18,13 @@ from tasks.env import configure_environment
 
 configure_environment()
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from pixelops.stages import STAGES, run_stage  # noqa: E402
-from tasks.params import load_params  # noqa: E402
-from tasks.validate import ValidationFailed  # noqa: E402
+from pixelops.stages import STAGES, prepare_curation, run_stage
+from tasks.params import load_params
+from tasks.validate import ValidationFailed
 
 # Retries only where the world is flaky: reading the source, talking to FiftyOne's database.
 RETRIES = {"ingest": 2, "curate": 2}
@@ -46,6 +46,12 @@ def _stage_task(name: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
+@task(name="prepare-curation", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+def prepare_task(root: str) -> dict:
+    """FiftyOne's database up and the curators' App tags pulled, as `pixelops run` does."""
+    return prepare_curation(load_params(f"{root}/params.yaml"), root)
+
+
 def _publish_validation_failure(error) -> None:
     """Publish the failing expectations so the flow run in the UI shows why it stopped."""
     from tasks.validate import markdown_summary
@@ -58,6 +64,7 @@ def _publish_validation_failure(error) -> None:
 def pipeline(root: str = ".") -> dict:
     """Run every stage in order; each is skipped when DVC records it as up to date."""
     t0 = time.perf_counter()
+    prepare_task(root)
     outcomes = []
     for name in STAGES:
         try:

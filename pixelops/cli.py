@@ -2,9 +2,11 @@
 
     pixelops run [--flow] [-S train.epochs=3]   the pipeline through `dvc repro` (or the Prefect flow)
     pixelops ingest SOURCE [--format F]         a source becomes the project's new dataset version
-    pixelops validate|curate|train|evaluate     one stage (skipped when DVC says it is up to date)
+    pixelops validate|curate|train|evaluate|review  one stage (skipped when DVC says it is up to date)
     pixelops versions | checkout ID | push      dataset versions: list, restore from DVC, push to the remote
     pixelops app [--port 5151]                  the current version in the FiftyOne App
+    pixelops pull-tags                          App tags -> curation/<version>.csv (run does it too)
+    pixelops db start|stop|status               FiftyOne's database service (run starts it)
     pixelops status                             what DVC would rerun
 
 `-S key=value` follows DVC's `exp run -S`: for `run` and `ingest` the value is written to
@@ -39,6 +41,7 @@ def cmd_run(args) -> int:
 
     if args.set:
         set_params_file(args.set)
+    _prepare_curation()
     if args.flow:
         from flows.pipeline import main as flow_main
 
@@ -53,6 +56,17 @@ def cmd_run(args) -> int:
     sync_registry(load_params())  # the registry line learns the DVC hash of the current version
     print(summary_text("."))
     return 0
+
+
+def _prepare_curation() -> None:
+    from pixelops.stages import prepare_curation
+    from tasks.params import load_params
+
+    prep = prepare_curation(load_params())
+    if prep["database"] != "off":
+        print(f"FiftyOne database: {prep['database']} at {prep['uri']}")
+    if prep["pulled"] and prep["pulled"]["changed"]:
+        print(f"curators' tags pulled into {prep['pulled']['file']}: {prep['pulled']['decisions']}")
 
 
 def _current_version(params) -> str | None:
@@ -116,6 +130,11 @@ def cmd_versions(args) -> int:
         return 0
     print(f"{'version':<14} {'created':<26} {'task':<15} {'images':>8}  {'splits':<28} {'parent':<14} source")
     for e in entries:
+        if e.get("kind") == "curation":
+            kept = " ".join(f"{k}={v}" for k, v in e["kept_per_split"].items())
+            print(f"{e['version']:<14} {e['created']:<26} {'curation':<15} {'':>8}  {kept:<28} {e['parent']:<14} "
+                  f"{e['n_excluded']} excluded, {e['n_relabeled']} relabeled ({e.get('decisions_file') or 'rules only'})")
+            continue
         splits = " ".join(f"{k}={v}" for k, v in e["per_split"].items())
         stored = "" if e.get("dvc_md5") else "  (not recorded in DVC)"
         print(f"{e['version']:<14} {e['created']:<26} {e['task']:<15} {e['n_images']:>8}  {splits:<28} "
@@ -147,6 +166,28 @@ def cmd_app(args) -> int:
     return 0
 
 
+def cmd_db(args) -> int:
+    from tasks import fo_service
+    from tasks.params import load_params
+
+    spec = fo_service.spec_for(load_params().curate.database)
+    info = {"start": fo_service.start, "stop": fo_service.stop, "status": fo_service.status}[args.action](spec)
+    state = "reachable" if info["reachable"] else "not running"
+    where = f"data {info['dbpath']}" if spec.managed else "your own server"
+    print(f"FiftyOne database {info['uri']}: {info.get('action', state)} ({where}; log {spec.logpath})")
+    return 0 if args.action != "status" or info["reachable"] else 1
+
+
+def cmd_pull_tags(args) -> int:
+    from tasks import curate
+    from tasks.params import load_params
+
+    pulled = curate.pull(load_params(), args.version)
+    print(f"{pulled['file']}: {pulled['decisions'] or 'no decisions'}"
+          f"{'' if pulled['changed'] else ' (unchanged)'}; `pixelops run` makes the curated version")
+    return 0
+
+
 def cmd_status(args) -> int:
     return subprocess.call([sys.executable, "-m", "dvc", "status"], env=_subprocess_env())
 
@@ -172,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--no-push", action="store_true", help="do not push the version to the DVC remote")
     ing.set_defaults(func=cmd_ingest)
 
-    for name in ("validate", "curate", "train", "evaluate"):
+    for name in ("validate", "curate", "train", "evaluate", "review"):
         with_set(sub.add_parser(name, help=f"run the {name} stage")).set_defaults(func=cmd_stage)
 
     sub.add_parser("versions", help="list dataset versions (id, date, counts, source, parent)") \
@@ -185,9 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     app = sub.add_parser("app", help="open a dataset version in the FiftyOne App (127.0.0.1)")
-    app.add_argument("--port", type=int, default=5151)
+    app.add_argument("--port", type=int, default=None, help="default: curate.app_port (5151)")
     app.add_argument("--version", default=None, help="dataset version (default: the current one)")
     app.set_defaults(func=cmd_app)
+
+    db = sub.add_parser("db", help="FiftyOne's database service: start, stop, status")
+    db.add_argument("action", choices=["start", "stop", "status"])
+    db.set_defaults(func=cmd_db)
+    pull = sub.add_parser("pull-tags", help="FiftyOne App tags (exclude, relabel:<class>) -> curation/<version>.csv")
+    pull.add_argument("--version", default=None, help="dataset version (default: the current one)")
+    pull.set_defaults(func=cmd_pull_tags)
 
     sub.add_parser("status", help="what `dvc repro` would rerun").set_defaults(func=cmd_status)
     return parser

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("ingest", "validate", "curate", "train", "evaluate")
+STAGES = ("ingest", "validate", "curate", "train", "evaluate", "review")
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,23 @@ def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True
 
             sync_registry(params, root)  # the registry line learns the DVC hash of this version
     return StageOutcome(stage, False, time.perf_counter() - t0, result)
+
+
+def prepare_curation(params, root: Path | str = ".") -> dict:
+    """Before a run: FiftyOne's database up, and curators' App tags pulled into the curation file.
+
+    The project's own mongod is started if it is not running (tasks.fo_service: safe when
+    several runs start it at once); a user's MongoDB (curate.database.uri) must already answer.
+    Tags are pulled only once the version has a FiftyOne dataset; the curation file, not the
+    database, is what the curate stage (and so `dvc repro`) reads.
+    """
+    if not params.curate.fiftyone:
+        return {"database": "off", "pulled": None}
+    from tasks import curate, fo_service
+
+    db = fo_service.start(fo_service.spec_for(params.curate.database, root))
+    try:
+        pulled = curate.pull(params)
+    except curate.CurateError:  # no version or no dataset yet: the first run creates them
+        pulled = None
+    return {"database": db["action"], "uri": db["uri"], "pulled": pulled}

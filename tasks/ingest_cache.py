@@ -72,7 +72,7 @@ class FactsCache:
         self.data = data or {"fingerprint": None, "version": None, "files": {}}
 
     @classmethod
-    def load(cls, out_dir: Path) -> "FactsCache":
+    def load(cls, out_dir: Path) -> FactsCache:
         path = cache_path(out_dir)
         try:
             return cls(json.loads(path.read_text()))

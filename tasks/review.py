@@ -74,14 +74,14 @@ def _to_fiftyone(fo, dataset, rows: pd.DataFrame, logits: np.ndarray, fraction: 
     from fiftyone import ViewField as F
 
     order = {sid: i for i, sid in enumerate(rows["sample_id"])}
-    ids, sids = dataset.values(["id", "sample_id"])
+    sids = dataset.values("sample_id")
     preds = [fo.Classification(label=rows["predicted"].iat[order[s]], confidence=float(rows["confidence"].iat[order[s]]),
                                logits=logits[order[s]].tolist()) for s in sids]
     dataset.set_values("predictions", preds, progress=False)
     fob.compute_mistakenness(dataset, "predictions", label_field="ground_truth", use_logits=True, progress=False)
     scores = dict(zip(dataset.values("sample_id"), dataset.values("mistakenness")))
     candidates = dataset.match(F("split") != HELD_OUT)
-    k = max(1, int(round(fraction * len(candidates))))
+    k = max(1, round(fraction * len(candidates)))
     dataset.save_view("likely-mislabeled", candidates.sort_by("mistakenness", reverse=True).limit(k), overwrite=True)
     dataset.save_view("mistakes", dataset.match(F("predictions.label") != F("ground_truth.label")), overwrite=True)
     return rows["sample_id"].map(scores)
@@ -91,13 +91,14 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
     start = time.perf_counter()
     rows, logits, vectors, emb_info, info = score(model_dir, curate_dir, batch_size=params.evaluate.batch_size,
                                                   cache_dir=params.paths.cache)
-    if not info.get("dataset_name"):
-        raise ValueError("review needs the FiftyOne dataset: set curate.fiftyone: true and rerun curate")
-    fo = curate_fiftyone.import_fiftyone(params.curate.database)
-    dataset = fo.load_dataset(info["dataset_name"])
-    rows["mistakenness"] = _to_fiftyone(fo, dataset, rows, logits, params.curate.signals.mislabeled_fraction)
+    if info.get("dataset_name"):
+        fo = curate_fiftyone.import_fiftyone(params.curate.database)
+        dataset = fo.load_dataset(info["dataset_name"])
+        rows["mistakenness"] = _to_fiftyone(fo, dataset, rows, logits, params.curate.signals.mislabeled_fraction)
+    else:  # curate.fiftyone off: predictions only; mistakenness is FiftyOne Brain's
+        rows["mistakenness"] = np.nan
     out = rows[["sample_id", "split", "label", "predicted", "confidence", "mistakenness"]].copy()
-    out["rank"] = out["mistakenness"].rank(ascending=False, method="first").astype("int64")
+    out["rank"] = out["mistakenness"].rank(ascending=False, method="first").astype("Int64")
     save_table(pa.Table.from_pandas(out, preserve_index=False), Path(out_dir) / "predictions.parquet")
     buf = io.BytesIO()
     np.savez(buf, sample_ids=rows["sample_id"].to_numpy(dtype=str), vectors=vectors.astype(np.float16))
@@ -108,7 +109,7 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
         "embeddings": emb_info,
         "n_samples": len(out),
         "n_mistakes": int((out["predicted"] != out["label"]).sum()),
-        "likely_mislabeled": int(round(params.curate.signals.mislabeled_fraction * (out["split"] != HELD_OUT).sum())),
+        "likely_mislabeled": round(params.curate.signals.mislabeled_fraction * int((out["split"] != HELD_OUT).sum())),
         "seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write_json(Path(out_dir) / "review.json", summary)

@@ -23,8 +23,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks.data import build_eval_transform, build_train_transform, image_channels, label_indices, load_images, \
-    split_train_val
+from tasks.data import (
+    build_eval_transform,
+    build_train_transform,
+    image_channels,
+    label_indices,
+    load_images,
+    split_train_val,
+)
 from tasks.io import atomic_write_bytes, atomic_write_json, load_table, read_json, sha256_file
 from tasks.models import ModelSpec, bf16_supported, build_model, count_parameters
 from tasks.params import Params, TrainParams, dump_resolved
@@ -166,14 +172,14 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                          torch_rng=torch.get_rng_state())
 
     train_seconds = time.perf_counter() - t_train
-    _save_checkpoint(out_dir / "model.pt", **{"state_dict": best_state})
+    _save_checkpoint(out_dir / "model.pt", state_dict=best_state)
     n_seen = len(tr_idx) * params.epochs
     meta = {
         "spec": asdict(spec),
         "classes": classes,
         "dataset_version": version,
-        "n_train": int(len(tr_idx)),
-        "n_val": int(len(val_idx)),
+        "n_train": len(tr_idx),
+        "n_val": len(val_idx),
         "device": str(device),
         "bf16": bf16,
         "parameters": count_parameters(model),

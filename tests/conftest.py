@@ -22,12 +22,12 @@ os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_STATE / "fiftyone-dat
 # Tests share torch's hub cache with the project so the installed weights file is found.
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".torch"))
 
-from tasks.env import configure_environment  # noqa: E402
+from tasks.env import configure_environment
 
 configure_environment(ROOT)
 
-from tasks import fo_service  # noqa: E402
-from tasks.params import DatabaseParams  # noqa: E402
+from tasks import fo_service
+from tasks.params import DatabaseParams
 
 
 def _free_port() -> int:
@@ -50,8 +50,14 @@ if os.environ.get("PIXELOPS_TEST_DB_OWNER") != str(os.getpid()):
     # atexit runs last-registered first: registered before fiftyone is imported, this stop
     # runs after FiftyOne's own exit handlers, which still talk to the database.
     atexit.register(fo_service.stop, TEST_DB)
+    os.environ["PIXELOPS_TEST_DB_DIR"] = str(TEST_DB.dbpath)
+else:  # the second import: the same service
+    _port = int(os.environ["FIFTYONE_DATABASE_URI"].rsplit(":", 1)[1])
+    TEST_DB = fo_service.DatabaseSpec(uri=os.environ["FIFTYONE_DATABASE_URI"], managed=True, port=_port,
+                                      dbpath=Path(os.environ["PIXELOPS_TEST_DB_DIR"]), timeout_s=5.0,
+                                      cache_size_gb=0.25)
 
-from tasks.params import Params, apply_overrides, from_dict, load_raw  # noqa: E402
+from tasks.params import Params, apply_overrides, from_dict, load_raw
 
 TINY_OVERRIDES = [
     "ingest.limit_per_split=300",

@@ -33,7 +33,7 @@ def test_curate_measures_load_resync_and_brain_steps(ingested):
 
     params, result = ingested
     figures = curate.run(scales=(200, 400), params=params, ingest_dir=Path(result.out_dir),
-                         database_uri=os.environ["FIFTYONE_DATABASE_URI"])
+                         database_uri=os.environ["FIFTYONE_DATABASE_URI"], repeats=1)
     assert figures["scales"] == [200, 400] and figures["embedding"]["n"] == 400
     for n in ("200", "400"):
         step = figures["per_scale"][n]

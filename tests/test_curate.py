@@ -131,7 +131,7 @@ def test_fiftyone_dataset_holds_the_version(curated, fo):
     assert splits == ingest_result.per_split      # 300 train, 300 test
     assert ds.default_classes == ingest_result.classes
     assert {"duplicates", "leaky"} <= set(ds.list_saved_views())
-    sample = ds.match(fo.ViewField("excluded") == False).first()  # noqa: E712 (a query, not a test)
+    sample = ds.match(fo.ViewField("excluded") == False).first()
     assert os.path.isabs(sample.filepath) and os.path.isfile(sample.filepath)
     assert isinstance(sample.ground_truth, fo.Classification) and sample.ground_truth.label in ds.default_classes
     assert sample.excluded is False and sample.exclusion_reason is None

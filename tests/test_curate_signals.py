@@ -36,7 +36,7 @@ def _jpeg_copy(src: Path, dest: Path) -> None:
 @pytest.fixture(scope="module")
 def planted(ingested, tmp_path_factory):
     """(params, ingest result, {source file name: what it is a copy of}) for a planted source."""
-    params0, result0 = ingested
+    _, result0 = ingested
     tmp = tmp_path_factory.mktemp("planted")
     rows = load_table(Path(result0.out_dir) / "manifest.parquet").to_pandas()
     src = tmp / "source"
@@ -77,7 +77,7 @@ def curated(planted):
 
 
 def test_planted_near_duplicates_are_found(curated):
-    params, _, copies, _, _, signals, by_file = curated
+    _, _, copies, _, _, signals, by_file = curated
     s = signals.set_index("sample_id")
     for name, (kind, original) in copies.items():
         copy_id, orig_id = by_file[name], by_file[original]
@@ -88,7 +88,7 @@ def test_planted_near_duplicates_are_found(curated):
 
 
 def test_planted_cross_split_copy_is_leakage_and_excluded_from_train(curated):
-    params, _, copies, result, manifest, signals, by_file = curated
+    _, _, copies, result, manifest, signals, by_file = curated
     s, m = signals.set_index("sample_id"), manifest.set_index("sample_id")
     for name, (kind, original) in copies.items():
         copy_id = by_file[name]
@@ -105,7 +105,7 @@ def test_planted_cross_split_copy_is_leakage_and_excluded_from_train(curated):
 def test_signals_are_fields_and_saved_views(curated):
     import fiftyone as fo
 
-    params, _, _, result, _, _, by_file = curated
+    _, _, _, result, _, _, by_file = curated
     ds = fo.load_dataset(result.dataset_name)
     schema = ds.get_field_schema()
     for field in ("uniqueness", "representativeness", "near_duplicate_of", "leaks_with"):
@@ -174,7 +174,7 @@ def test_resync_is_idempotent(curated):
 
 
 def test_bad_decision_file_names_file_line_and_rule(curated, tmp_path):
-    params, result, *_ = curated
+    _, result, *_ = curated
     bad = tmp_path / f"{result.version}.csv"
     bad.write_text("sample_id,action,label,reason,source\nnot-a-sample,exclude,,x,curator:me\n")
     with pytest.raises(curation.CurationError, match=rf"{bad}, line 2: sample_id 'not-a-sample'"):

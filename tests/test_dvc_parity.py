@@ -31,9 +31,13 @@ def test_every_dep_file_exists_and_params_sections_exist():
         for dep in stage["deps"]:
             if dep.startswith("tasks/"):
                 assert (ROOT / dep).is_file(), f"{name}: dep {dep} missing"
-        for section in stage.get("params", []):
-            assert section in raw, f"{name}: params section {section} not in params.yaml"
-        assert name in stage["params"], f"{name}: must depend on its own params section"
+        for key in stage.get("params", []):
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in params.yaml"
+                node = node[part]
+        if name in raw:
+            assert name in stage["params"], f"{name}: must depend on its own params section"
 
 
 def test_paths_are_templated_from_params():

@@ -23,7 +23,7 @@ def harness():
 
 
 def _project(tmp, extra=()):
-    return make_project(tmp / "project", [*TINY_OVERRIDES, "curate.fiftyone=false", *extra])
+    return make_project(tmp / "project", [*TINY_OVERRIDES, "curate.dataset_prefix=flowtest", *extra])
 
 
 def _ran(result):
@@ -38,7 +38,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     tmp = _project(tmp_path)
     monkeypatch.chdir(tmp)
     first = pipeline()
-    assert _ran(first) == ["ingest", "validate", "curate", "train", "evaluate"]
+    assert _ran(first) == ["ingest", "validate", "curate", "train", "evaluate", "review"]
     assert (tmp / "reports" / "metrics.json").is_file()
     with Repo(str(tmp)) as repo:
         assert repo.status() == {}  # the flow's work is recorded in dvc.lock
@@ -50,7 +50,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     assert _ran(pipeline()) == []  # nothing changed: every stage skipped
 
     set_param(tmp, "train.lr", 0.002)
-    assert _ran(pipeline()) == ["train", "evaluate"]
+    assert _ran(pipeline()) == ["train", "evaluate", "review"]
 
     set_param(tmp, "train.lr", 0.001)
     repro = dvc(tmp, "repro")
