@@ -26,26 +26,48 @@ VmHWM, reset before the step's process starts (pid from fo_service's pidfile, or
 reusing a server); its VmRSS after the step is what it keeps (mostly WiredTiger cache).
 Ratios: re-sync ÷ first load per N, and the fitted exponent b of time ∝ N^b per step.
 
-How FiftyOne Brain's sklearn backend finds neighbors (fiftyone-brain 0.25,
-fiftyone/brain/internal/core/sklearn.py, NeighborsHelper._build): with at most
-_MAX_PRECOMPUTE_DISTS = 15,000 embeddings it materializes the full N×N distance matrix
-(sklearn.metrics.pairwise_distances, float32 for our float32 vectors: 0.9 GB at 15,000), and
-compute_near_duplicates then slices it again for the unique subset (`dists[keep][:, keep]`, two
-more near-N×N copies), so memory is O(N²) up to that size. Above 15,000 it fits
-sklearn.neighbors.NearestNeighbors, which for D = 64 > 15 features picks brute force: every
-radius/k-neighbor query is a full pass over all N (chunked pairwise-distance reductions), so
-memory stays O(N) but time is O(N²·D); uniqueness (k = 4 for all N), near-duplicates (radius
-query for all N, then k = 1 for the duplicates against the unique set) each pay it, and
-uniqueness and near-duplicates each build their own index. Representativeness is KMeans(20),
-O(N). Leaky splits reuses the near-duplicate index and only reads split ids.
+How FiftyOne Brain's sklearn backend finds neighbors (fiftyone-brain 0.25, scikit-learn 1.9;
+fiftyone/brain/internal/core/sklearn.py, NeighborsHelper._build):
+  N <= _MAX_PRECOMPUTE_DISTS = 15,000: it materializes the full N×N distance matrix
+    (sklearn pairwise_distances; float32 for our float32 vectors). Uniqueness then takes its
+    k = 4 neighbors with a full np.argsort of every row (_nanargmin: an N×N int64 array), so
+    it needs 12·N² bytes (1.15 GB measured at 10,000, ≈2.7 GB at 15,000) and O(N² log N)
+    time; near-duplicates slices the matrix again for the unique subset (dists[keep][:, keep],
+    two more near-N×N float32 copies, +1.05 GB at 10,000). Memory is O(N²) up to 15,000.
+  N > 15,000: sklearn.neighbors.NearestNeighbors, which for D = 64 > 15 features picks brute
+    force: each query set is compared with all N (chunked ArgKmin / RadiusNeighbors
+    reductions), so memory stays O(N) but time is O(N²·D). Uniqueness (k = 4 for all N) and
+    near-duplicates (a radius query for all N, then k = 1 for the duplicates against the
+    unique set) each build their own index and pay it. Representativeness is KMeans(20), O(N);
+    leaky splits reuses the near-duplicate index and only reads split ids.
+  So the dense path is a memory peak that ends at 15,000 (and is slower: uniqueness took
+  10.1 s at 10,000 dense against 5.6 s at 35,000 brute force), and above it time grows
+  quadratically while memory grows linearly.
 
-Measured (`python -m bench curate`, 2 cores, 23 GiB, shared machine; reports/bench/curate.json):
-see the README-style summary printed at the end of a run and `scaling` in the JSON. FILLED IN
-BELOW AFTER THE FIRST FULL RUN.
+Measured (run of 2026-11-28 on this machine: 2 cores, 23 GiB, shared with other work, so
+±30 % between runs; 2 repeats per step, fastest kept; embedding_dim 64, threshold 0.025):
+       N  load s  re-sync s  signals s (uniq / near-dup / repr / other)  signals peak MB  mongod MB
+  10,000     3.0        0.9  13.6 (10.1 / 0.6 / 1.1 / 1.7)                      2,016        161
+  35,000     9.2        2.5  17.0 ( 5.6 / 4.3 / 2.3 / 4.6)                      1,470        220
+  70,000    18.1        5.0  46.0 (15.7 / 16.0 / 4.8 / 8.9)                     2,135        289
+  embedding 70,000 images: 140–310 s across runs (226–500 images/s), peak 2.1–2.5 GB.
+  Load is linear (b ≈ 1.0, 0.26 s per 1,000); the Brain step has b ≈ 1.2–1.4 between 35k and
+  70k and its quadratic term already dominates near-duplicates and uniqueness at 70k.
+Where it stops being practical (fits in `scaling`): time, not memory. With t = a·N + c·N²
+through 35k and 70k, the Brain signals step passes 10 minutes at about 0.3–0.45 M samples
+(three runs: 0.32, 0.42, 0.44 M), uniqueness and near-duplicates alone each at ≈0.45–0.55 M.
+Memory above 15,000 grows ≈19 MB per 1,000 samples in the signals step (mostly the PCA in
+tasks.embeddings.reduce over the 1,536-d features), so 20 GiB only at ≈1 M; the embedding step
+(every image and feature held in memory) reaches 20 GiB at ≈0.6–0.75 M and 10 minutes at
+≈0.14–0.3 M images, but is cached per (version, model). mongod stays under its 1 GB WiredTiger
+cache plus ≈1.7 MB per 1,000 samples; loading stays under 10 minutes to ≈2 M samples.
+Beyond ≈0.3 M samples on 2 cores the sklearn backend should give way to an approximate-neighbor
+index (another Brain similarity backend) or sampling.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -174,12 +196,6 @@ def _step_signals(a: dict, meter: _Meter) -> dict:
     from fiftyone.brain.internal.core import sklearn as brain_sklearn
 
     dataset = fo.load_dataset(a["dataset"])
-    # curate_signals._write sets these fields with set_values, which cannot infer a type from
-    # all-None values (a small sample may have no near-duplicate): declare them, untimed.
-    for field, kind in (("near_duplicate_of", fo.StringField), ("near_duplicate_distance", fo.FloatField),
-                        ("leaks_with", fo.StringField)):
-        if not dataset.has_sample_field(field):
-            dataset.add_sample_field(field, kind)
     try:
         with np.load(a["cache_file"], allow_pickle=False) as z:
             sample_ids = z["sample_ids"][: a["n"]]
@@ -248,7 +264,7 @@ def _mongod_by_port(uri: str) -> int | None:
         except OSError:
             continue
         if argv and Path(argv[0]).name == "mongod" and any(
-                x == "--port" and y == port for x, y in zip(argv, argv[1:])):
+                x == "--port" and y == port for x, y in itertools.pairwise(argv)):
             return int(proc.name)
     return None
 
@@ -363,7 +379,8 @@ def _scaling(scales: list[int], per: dict, limit_mb: float) -> dict:
         "reduce": ([per[n]["signals"]["reduce"]["seconds"] for n in scales],
                    [per[n]["signals"]["reduce"]["peak_rss_mb"] for n in scales]),
         **{f"signals.{c}": ([per[n]["signals"]["calls"][c]["seconds"] for n in scales],
-                            [per[n]["signals"]["calls"][c]["peak_rss_mb"] for n in scales]) for c in BRAIN_CALLS},
+                            [per[n]["signals"]["calls"][c]["peak_rss_mb"] for n in scales])
+           for c in BRAIN_CALLS if all(c in per[n]["signals"]["calls"] for n in scales)},
     }
     mongod = [per[n]["load"].get("mongod", {}).get("peak_rss_mb") for n in scales]
     if all(mongod):
@@ -392,7 +409,7 @@ def _best(runs: list[dict]) -> dict:
     best = dict(min(runs, key=lambda r: r["seconds"]))
     best["seconds_all"] = [r["seconds"] for r in runs]
     if "calls" in best:
-        best["calls"] = {c: {**v, "seconds_all": [r["calls"][c]["seconds"] for r in runs]}
+        best["calls"] = {c: {**v, "seconds_all": [r["calls"].get(c, {}).get("seconds") for r in runs]}
                          for c, v in best["calls"].items()}
     return best
 
@@ -421,7 +438,7 @@ def _table(scales: list[int], per: dict) -> str:
         s = p["signals"]
         rows.append([f"{n:,}", p["load"]["seconds"], p["load"]["peak_rss_mb"],
                      p["load"].get("mongod", {}).get("peak_rss_mb"), p["resync"]["seconds"], p["resync"]["peak_rss_mb"],
-                     s["reduce"]["seconds"], *(s["calls"][c]["seconds"] for c in BRAIN_CALLS), s["other_s"],
+                     s["reduce"]["seconds"], *(s["calls"].get(c, {}).get("seconds") for c in BRAIN_CALLS), s["other_s"],
                      s["seconds"], s["peak_rss_mb"]])
     cells = [head] + [[v if isinstance(v, str) else "-" if v is None else f"{v:,.1f}" for v in r] for r in rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(head))]

@@ -208,6 +208,24 @@ def _read_input(path: Path, reader):
     return reader(path)
 
 
+def _boxes(ingest_dir: Path, manifest: pa.Table) -> dict[str, tuple]:
+    """sample_id -> ((label, x, y, w, h) relative to the image, ...): FiftyOne's box format."""
+    ann = load_table(ingest_dir / "annotations.parquet").to_pandas().dropna(subset=["x1"])
+    sizes = manifest.select(["sample_id", "width", "height"]).to_pandas().set_index("sample_id")
+    ann = ann.join(sizes, on="sample_id")
+    out: dict[str, list] = {}
+    for r in ann.itertuples(index=False):
+        box = (r.label, r.x1 / r.width, r.y1 / r.height, (r.x2 - r.x1) / r.width, (r.y2 - r.y1) / r.height)
+        out.setdefault(r.sample_id, []).append(tuple([box[0], *(round(v, 6) for v in box[1:])]))
+    return {sid: tuple(b) for sid, b in out.items()}
+
+
+def _with(df: pd.DataFrame, boxes: dict | None) -> pd.DataFrame:
+    if boxes is None:
+        return df
+    return df.assign(boxes=[boxes.get(sid, ()) for sid in df["sample_id"]])  # () : a background image
+
+
 def rule_decisions(curated: pd.DataFrame) -> pd.DataFrame:
     """The rules' exclusions as curation rows (source rule:<name>)."""
     excluded = curated[curated["exclusion_reason"].notna()]
@@ -236,17 +254,22 @@ def curate(ingest_dir: Path, *, params: CurateParams, out_dir: Path, train: Trai
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     manifest = _read_input(ingest_dir / "manifest.parquet", load_table)
     classes = _read_input(ingest_dir / "classes.json", read_json)
-    version = _read_input(ingest_dir / "version.json", read_json)["version"]
+    version_info = _read_input(ingest_dir / "version.json", read_json)
+    version = version_info["version"]
     train = train or TrainParams()
+    boxes = _boxes(ingest_dir, manifest) if version_info.get("task") == "detection" else None
 
     curated = find_exclusions(manifest, exclude_duplicates=params.exclude_duplicates,
                               exclude_leakage=params.exclude_leakage)
     decisions_file = curation.decisions_path(curation_dir, version)
     user = curation.read_decisions(decisions_file, classes=classes, sample_ids=set(curated["sample_id"]))
+    if boxes is not None and (user["action"] == "relabel").any():
+        raise curation.CurationError(f"{decisions_file}: relabel decisions apply to classification; this "
+                                     f"version is detection (boxes are edited at the source, then re-ingested)")
     name, report, signals, signal_report = None, None, None, None
     if params.fiftyone:
         name = dataset_name(params.dataset_prefix, version)
-        report = sync_fiftyone(curation.apply(curated, user), images_root=ingest_dir, dataset_name=name,
+        report = sync_fiftyone(_with(curation.apply(curated, user), boxes), images_root=ingest_dir, dataset_name=name,
                                classes=classes, database=params.database, create_only=params.signals.enabled)
         if params.signals.enabled:
             signals, signal_report = _signals(name, curated, ingest_dir, version=version, classes=classes,
@@ -256,7 +279,7 @@ def curate(ingest_dir: Path, *, params: CurateParams, out_dir: Path, train: Trai
     decisions = pd.concat([rule_decisions(curated), user], ignore_index=True)
     final = curation.apply(curated, user)
     if params.fiftyone and params.signals.enabled:  # near-leak exclusions become visible in the App
-        final_sync = sync_fiftyone(final, images_root=ingest_dir, dataset_name=name, classes=classes,
+        final_sync = sync_fiftyone(_with(final, boxes), images_root=ingest_dir, dataset_name=name, classes=classes,
                                    database=params.database)
         if report["action"] == "exists":
             report["action"] = final_sync["action"]

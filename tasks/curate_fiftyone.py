@@ -57,15 +57,18 @@ def expected_rows(manifest_df: pd.DataFrame, images_root: Path) -> pd.DataFrame:
         raise ValueError(f"manifest lacks columns {missing}; need {list(REQUIRED_COLUMNS)} "
                          "(the output of tasks.curate.find_exclusions)")
     root = str(Path(images_root).resolve())
+    # Detection: `boxes` holds each image's ((label, x, y, w, h) relative to the image), ...).
+    labels = manifest_df["boxes"].tolist() if "boxes" in manifest_df else _missing_to_none(manifest_df["label"])
     rows = pd.DataFrame({
         "filepath": [os.path.join(root, p) for p in manifest_df["path"]],
-        "label": _missing_to_none(manifest_df["label"]),
+        "label": labels,
         # The split is also a tag so the App's sidebar filters by it in one click.
         "tags": [[s, *t] for s, t in zip(manifest_df["split"], manifest_df["tags"])],
         **{f: _missing_to_none(manifest_df[f]) for f in SCALAR_FIELDS},
     }, dtype=object)
     rows["excluded"] = [bool(v) for v in rows["excluded"]]
     rows = rows.set_index("sample_id", drop=False)
+    rows.attrs["detection"] = "boxes" in manifest_df
     if rows.index.has_duplicates or rows.index.hasnans:
         bad = rows.index[rows.index.duplicated()].unique().tolist()[:5]
         raise ValueError(f"manifest sample_id must be unique and non-null; repeated: {bad}")
@@ -83,7 +86,9 @@ def _open_matching(fo, name: str, rows: pd.DataFrame):
         return None, False
     dataset = fo.load_dataset(name)
     schema = dataset.get_field_schema()
-    if all(f in schema for f in (*SCALAR_FIELDS, "ground_truth")):
+    kind = "Detections" if rows.attrs.get("detection") else "Classification"
+    same_kind = "ground_truth" in schema and getattr(schema["ground_truth"].document_type, "__name__", "") == kind
+    if same_kind and all(f in schema for f in SCALAR_FIELDS):
         ids = dataset.values("sample_id")
         if len(ids) == len(rows) and set(ids) == set(rows.index):
             return dataset, False
@@ -91,16 +96,33 @@ def _open_matching(fo, name: str, rows: pd.DataFrame):
     return None, True
 
 
+def _ground_truth(fo, label, detection: bool):
+    if not detection:
+        return fo.Classification(label=label)
+    return fo.Detections(detections=[fo.Detection(label=c, bounding_box=[x, y, w, h]) for c, x, y, w, h in label])
+
+
+def _signature(value, detection: bool):
+    """What a ground_truth value says, comparable with expected_rows' `label`."""
+    if value is None:
+        return () if detection else None
+    if not detection:
+        return value.label
+    return tuple((d.label, *(round(v, 6) for v in d.bounding_box)) for d in value.detections)
+
+
 def _create(fo, name: str, rows: pd.DataFrame):
     # Persistent from the start: a load that dies half-way leaves a dataset whose ids do
     # not match, which the next run deletes and rebuilds.
     dataset = fo.Dataset(name, persistent=True)
-    dataset.add_sample_field("ground_truth", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    detection = rows.attrs.get("detection", False)
+    dataset.add_sample_field("ground_truth", fo.EmbeddedDocumentField,
+                             embedded_doc_type=fo.Detections if detection else fo.Classification)
     for field, kind in SCALAR_FIELDS.items():
         dataset.add_sample_field(field, getattr(fo, kind))
     columns = [rows[f].tolist() for f in SCALAR_FIELDS]
     samples = (
-        fo.Sample(filepath=fp, tags=tags, ground_truth=fo.Classification(label=label),
+        fo.Sample(filepath=fp, tags=tags, ground_truth=_ground_truth(fo, label, detection),
                   **dict(zip(SCALAR_FIELDS, scalars)))
         for fp, label, tags, *scalars in zip(rows["filepath"], rows["label"], rows["tags"], *columns)
     )
@@ -113,8 +135,12 @@ def _create(fo, name: str, rows: pd.DataFrame):
 def _update(fo, dataset, rows: pd.DataFrame, managed_tags: set[str]) -> bool:
     """Set only the values that differ (batched, keyed by FiftyOne id); True if any did."""
     fields = ["filepath", "tags", *SCALAR_FIELDS]
-    current = dataset.values(["id", "sample_id", "ground_truth.label", *fields])
-    fo_ids, sample_ids, labels = current[0], current[1], current[2]
+    detection = rows.attrs.get("detection", False)
+    # Classification reads only the label path: whole label objects cost 2x on 70k samples.
+    gt = "ground_truth" if detection else "ground_truth.label"
+    current = dataset.values(["id", "sample_id", gt, *fields])
+    fo_ids, sample_ids = current[0], current[1]
+    labels = [_signature(v, True) for v in current[2]] if detection else current[2]
     want = rows.loc[sample_ids]
     changed = False
     for field, have in zip(fields, current[3:]):
@@ -128,7 +154,7 @@ def _update(fo, dataset, rows: pd.DataFrame, managed_tags: set[str]) -> bool:
         if diff:
             dataset.set_values(field, diff, key_field="id", progress=False)
             changed = True
-    diff = {i: fo.Classification(label=w) for i, h, w in zip(fo_ids, labels, want["label"]) if h != w}
+    diff = {i: _ground_truth(fo, w, detection) for i, h, w in zip(fo_ids, labels, want["label"]) if h != w}
     if diff:
         dataset.set_values("ground_truth", diff, key_field="id", progress=False)
         changed = True

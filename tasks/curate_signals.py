@@ -19,6 +19,7 @@ TAG_NEAR_DUPLICATE = "near-duplicate"
 TAG_NEAR_LEAK = "near-leak"
 SIGNAL_TAGS = {TAG_NEAR_DUPLICATE, TAG_NEAR_LEAK}
 BRAIN_KEYS = ("pixelops_near_duplicates", "pixelops_leaks")
+MIN_FOR_CLUSTERS = 100  # Brain's representativeness clusters into 20 groups: below this it is noise
 SIGNAL_COLUMNS = ("sample_id", "uniqueness", "representativeness", "near_duplicate_of",
                   "near_duplicate_distance", "leaks_with")
 
@@ -52,7 +53,10 @@ def compute(fo, dataset, sample_ids: np.ndarray, vectors: np.ndarray, *, thresho
     x = _aligned(dataset, sample_ids, vectors)
     _replace_runs(dataset)
     fob.compute_uniqueness(dataset, embeddings=x, progress=False)
-    fob.compute_representativeness(dataset, embeddings=x, progress=False)
+    if len(x) >= MIN_FOR_CLUSTERS:
+        fob.compute_representativeness(dataset, embeddings=x, progress=False)
+    elif "representativeness" not in dataset.get_field_schema():
+        dataset.add_sample_field("representativeness", fo.FloatField)  # null: too few samples to cluster
     index = fob.compute_near_duplicates(dataset, threshold=threshold, embeddings=x, progress=False)
     leaks = fob.compute_leaky_splits(dataset, splits=split_field, threshold=threshold, similarity_index=index,
                                      progress=False)
@@ -83,6 +87,13 @@ def compute(fo, dataset, sample_ids: np.ndarray, vectors: np.ndarray, *, thresho
 
 
 def _write(dataset, ids, in_group, leak_ids, dup_of, dup_dist, leaks_with) -> None:
+    import fiftyone as fo
+
+    schema = dataset.get_field_schema()
+    for field, kind in (("near_duplicate_of", fo.StringField), ("near_duplicate_distance", fo.FloatField),
+                        ("leaks_with", fo.StringField)):
+        if field not in schema:  # declared: all-None values give FiftyOne no type to infer
+            dataset.add_sample_field(field, kind)
     tags = dataset.values("tags")
     new_tags = {}
     for i, have in zip(ids, tags):

@@ -18,6 +18,8 @@ def _facts(root: Path | str) -> dict:
     version = read_json(data / "ingest" / "version.json") if (data / "ingest" / "version.json").is_file() else {}
     metrics = read_json(reports / "metrics.json") if (reports / "metrics.json").is_file() else {}
     model = read_json(data / "train" / "model.json") if (data / "train" / "model.json").is_file() else {}
+    curation = read_json(data / "curate" / "curation.json") if (data / "curate" / "curation.json").is_file() else {}
+    review = read_json(data / "review" / "review.json") if (data / "review" / "review.json").is_file() else {}
     return {
         "version": version.get("version", "(not ingested)"),
         "n_images": version.get("n_images"),
@@ -25,6 +27,8 @@ def _facts(root: Path | str) -> dict:
         "metrics": metrics,
         "model": model.get("spec", {}).get("arch"),
         "report": reports / "evaluate" / "index.html",
+        "curation": curation,
+        "review": review,
     }
 
 
@@ -32,6 +36,13 @@ def summary_text(root: Path | str = ".") -> str:
     f = _facts(root)
     m = f["metrics"]
     lines = [f"dataset version : {f['version']} ({f['n_images']} images, {f['n_quarantined']} quarantined)"]
+    c = f["curation"]
+    if c.get("curated_version"):
+        lines.append(f"curated version : {c['curated_version']} ({c['n_excluded']} excluded {c['reasons']}, "
+                     f"{c.get('n_relabeled', 0)} relabeled)")
+    if c.get("dataset_name"):
+        views = "near-duplicates, leaky, likely-mislabeled" if f["review"] else "near-duplicates, leaky"
+        lines.append(f"FiftyOne        : {c['dataset_name']} (views {views}; `pixelops app`)")
     if m:
         lines.append(f"test accuracy   : {m['accuracy']:.4f}   macro F1: {m['macro_f1']:.4f}   "
                      f"({m['n_test']} test images, model {f['model']})")

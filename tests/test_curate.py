@@ -17,6 +17,7 @@ import pytest
 
 from tasks import curate as cur
 from tasks.io import load_table
+from tests.conftest import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,3 +181,27 @@ def test_launch_app_names_a_missing_dataset(curated):
 
     with pytest.raises(AppError, match="no FiftyOne dataset 'pixelops-vdoesnotexist'"):
         cur.launch_app("vdoesnotexist", params=params)
+
+
+def test_detection_ground_truth_boxes_in_fiftyone(tmp_path):
+    """The deepforest tree crowns (real VOC files): boxes, in FiftyOne's relative format."""
+    import fiftyone as fo
+
+    from tasks.ingest import ingest
+    from tasks.params import IngestParams, SourceParams
+    from tests.test_ingest import _deepforest_voc
+
+    src = _deepforest_voc(tmp_path / "voc")
+    source = SourceParams(path=src, format="voc")
+    ingested = ingest(source, out_dir=tmp_path / "ingest", params=IngestParams(source=source, workers=1))
+    params = tiny_params(tmp_path, ["curate.dataset_prefix=detection"])
+    result = cur.curate(tmp_path / "ingest", params=params.curate, out_dir=tmp_path / "curate", train=params.train,
+                        curation_dir=tmp_path / "curation", cache_dir=tmp_path / "cache")
+    ds = fo.load_dataset(result.dataset_name)
+    counts = sorted(len(s.ground_truth.detections) for s in ds.select_fields("ground_truth"))
+    assert counts == [37, 61]
+    box = ds.match(fo.ViewField("ground_truth.detections").length() > 0).first().ground_truth.detections[0]
+    assert box.label in ingested.classes and all(0 <= v <= 1 for v in box.bounding_box)
+    again = cur.curate(tmp_path / "ingest", params=params.curate, out_dir=tmp_path / "curate", train=params.train,
+                       curation_dir=tmp_path / "curation", cache_dir=tmp_path / "cache")
+    assert again.fiftyone["action"] == "unchanged"
