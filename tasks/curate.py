@@ -216,7 +216,7 @@ def _boxes(ingest_dir: Path, manifest: pa.Table) -> dict[str, tuple]:
     out: dict[str, list] = {}
     for r in ann.itertuples(index=False):
         box = (r.label, r.x1 / r.width, r.y1 / r.height, (r.x2 - r.x1) / r.width, (r.y2 - r.y1) / r.height)
-        out.setdefault(r.sample_id, []).append(tuple([box[0], *(round(v, 6) for v in box[1:])]))
+        out.setdefault(r.sample_id, []).append((box[0], *(round(v, 6) for v in box[1:])))
     return {sid: tuple(b) for sid, b in out.items()}
 
 
@@ -366,11 +366,13 @@ def pull(params: Params, version: str | None = None) -> dict:
     decisions = curation.decisions_from_tags(dataset, classes=dataset.default_classes)
     path = curation.decisions_path(params.paths.curation, version)
     before = path.read_text() if path.is_file() else ""
-    if curation.to_csv(decisions) != before and (len(decisions) or path.is_file()):
+    # No tags and no file yet: nothing to record (an empty file would only be noise in git).
+    changed = curation.to_csv(decisions) != before and bool(len(decisions) or path.is_file())
+    if changed:
         curation.write_decisions(path, decisions)
     counts = decisions["action"].value_counts().to_dict() if len(decisions) else {}
     return {"file": str(path), "version": version, "decisions": {k: int(v) for k, v in counts.items()},
-            "changed": curation.to_csv(decisions) != before}
+            "changed": changed}
 
 
 def launch_app(version: str | None = None, *, port: int | None = None, address: str = "127.0.0.1",

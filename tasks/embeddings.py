@@ -48,6 +48,11 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def embedding_key(model: nn.Module, arch: str | None) -> str:
+    """The cache key of a model's embeddings: every weight, the layer choice and the grid."""
+    return hashlib.sha256(f"{model_hash(model)}:{arch}:{GRID}".encode()).hexdigest()
+
+
 def _embedding_hook(model: nn.Module, arch: str | None, captured: list):
     modules = dict(model.named_modules())
     name = EMBEDDING_LAYERS.get(arch or "")
@@ -98,7 +103,7 @@ def _read_cache(path: Path, sample_ids: list[str]) -> np.ndarray | None:
 def embed(model: nn.Module, mean, std, rows: pd.DataFrame, images_root: Path, *, version: str,
           image_size: int, cache_dir: Path, batch_size: int = 512, arch: str | None = None) -> Embeddings:
     """Embeddings of `rows` (sample_id, path, mode) in row order, from the cache when present."""
-    digest = hashlib.sha256(f"{model_hash(model)}:{arch}:{GRID}".encode()).hexdigest()
+    digest = embedding_key(model, arch)
     path = cache_path(cache_dir, version, digest, image_size)
     ids = rows["sample_id"].astype(str).tolist()
     vectors = _read_cache(path, ids)
@@ -107,11 +112,12 @@ def embed(model: nn.Module, mean, std, rows: pd.DataFrame, images_root: Path, *,
     channels = image_channels(rows)
     images = load_images(rows, images_root, size=image_size, channels=channels)
     normalize = build_eval_transform(mean=mean, std=std, channels=channels)
-    vectors = extract(model, images, normalize, batch_size=batch_size, arch=arch)
+    # Rounded to the cache's float16 now, so the first run and cached runs see the same numbers.
+    vectors = extract(model, images, normalize, batch_size=batch_size, arch=arch).astype(np.float16)
     buf = io.BytesIO()
-    np.savez(buf, sample_ids=np.asarray(ids), vectors=vectors.astype(np.float16))
+    np.savez(buf, sample_ids=np.asarray(ids), vectors=vectors)
     atomic_write_bytes(path, buf.getvalue())
-    return Embeddings(np.asarray(ids), vectors, digest, path, cached=False)
+    return Embeddings(np.asarray(ids), vectors.astype(np.float32), digest, path, cached=False)
 
 
 def reduce(vectors: np.ndarray, dim: int, *, seed: int = 0) -> np.ndarray:

@@ -40,7 +40,7 @@ HELD_OUT = "test"
 def score(model_dir: Path, curate_dir: Path, *, batch_size: int, cache_dir: Path):
     """(rows with predicted/confidence, logits (N, C), embeddings) from the fine-tuned model."""
     from tasks.data import build_eval_transform, image_channels, load_images
-    from tasks.embeddings import EMBEDDING_LAYERS, cache_path, extract, model_hash
+    from tasks.embeddings import EMBEDDING_LAYERS, cache_path, embedding_key, extract, model_hash
     from tasks.io import load_table, read_json
     from tasks.train import load_trained
 
@@ -64,8 +64,10 @@ def score(model_dir: Path, curate_dir: Path, *, batch_size: int, cache_dir: Path
     classes = meta["classes"]
     rows["predicted"] = [classes[i] for i in probs.argmax(1).tolist()]
     rows["confidence"] = probs.max(1).values.numpy()
-    emb_file = cache_path(cache_dir, info["version"], model_hash(model), spec.image_size)
-    emb_info = {"model_hash": model_hash(model), "file": str(emb_file), "layer": EMBEDDING_LAYERS.get(spec.arch)}
+    key = embedding_key(model, spec.arch)
+    emb_file = cache_path(cache_dir, info["version"], key, spec.image_size)
+    emb_info = {"model_hash": model_hash(model), "key": key, "file": str(emb_file),
+                "layer": EMBEDDING_LAYERS.get(spec.arch)}
     return rows, logits.numpy(), vectors, emb_info, info
 
 

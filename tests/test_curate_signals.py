@@ -165,9 +165,12 @@ def test_tags_become_a_curation_file_and_a_new_version(curated):
 def test_resync_is_idempotent(curated):
     import fiftyone as fo
 
-    params, _, _, first, manifest, _, _ = curated
+    params, _, _, first, manifest, signals, _ = curated
     again = _curate(params)
     assert again.fiftyone["action"] == "unchanged"
+    # computed embeddings the first time, cached ones now: the same signals either way
+    cached = load_table(params.paths.data / "curate" / "signals.parquet").to_pandas()
+    pd.testing.assert_frame_equal(cached, signals)
     ds = fo.load_dataset(first.dataset_name)
     assert len(ds) == len(manifest) == len(set(ds.values("sample_id")))
     assert again.fiftyone["n_samples"] == len(manifest)
