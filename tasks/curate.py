@@ -168,9 +168,9 @@ def signal_embeddings(rows: pd.DataFrame, images_root: Path, *, version: str, n_
 
 
 def _signals(dataset_name: str, curated: pd.DataFrame, ingest_dir: Path, *, version: str, classes: list[str],
-             params: CurateParams, train: TrainParams, cache_dir: Path, seed: int) -> tuple[pd.DataFrame, dict]:
+             params: CurateParams, train: TrainParams, cache_dir: Path, seed: int) -> tuple[pd.DataFrame, dict, dict]:
     from tasks import curate_signals
-    from tasks.embeddings import reduce
+    from tasks.embeddings import EMBEDDING_LAYERS, reduce
 
     start = time.perf_counter()
     emb = signal_embeddings(curated, ingest_dir, version=version, n_classes=len(classes), train=train,
@@ -182,8 +182,13 @@ def _signals(dataset_name: str, curated: pd.DataFrame, ingest_dir: Path, *, vers
     signals = curate_signals.compute(fo, dataset, emb.sample_ids, vectors,
                                      threshold=params.signals.near_duplicate_threshold)
     curate_signals.save_views(fo, dataset)
-    return signals, {"embeddings": str(emb.cache_file), "embeddings_cached": emb.cached,
-                     "model_hash": emb.model_hash, "embed_seconds": round(embed_s, 2),
+    # Only facts that follow from the inputs: curation.json is a DVC output that training
+    # depends on, so a timing here would retrain the model on every curate run.
+    return signals, {"embeddings": str(emb.cache_file), "model_hash": emb.model_hash,
+                     "layer": EMBEDDING_LAYERS.get(train.model), "dim": params.signals.embedding_dim,
+                     "n_near_duplicates": int(signals["near_duplicate_of"].notna().sum()),
+                     "n_leaking": int(signals["leaks_with"].notna().sum())}, {
+                     "embeddings_cached": emb.cached, "embed_seconds": round(embed_s, 2),
                      "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -272,8 +277,9 @@ def curate(ingest_dir: Path, *, params: CurateParams, out_dir: Path, train: Trai
         report = sync_fiftyone(_with(curation.apply(curated, user), boxes), images_root=ingest_dir, dataset_name=name,
                                classes=classes, database=params.database, create_only=params.signals.enabled)
         if params.signals.enabled:
-            signals, signal_report = _signals(name, curated, ingest_dir, version=version, classes=classes,
-                                              params=params, train=train, cache_dir=cache_dir, seed=seed)
+            signals, signal_report, timing = _signals(name, curated, ingest_dir, version=version, classes=classes,
+                                                      params=params, train=train, cache_dir=cache_dir, seed=seed)
+            report["signals"] = timing
             if params.exclude_near_leakage:
                 curated = mark_near_leaks(curated, signals)
     decisions = pd.concat([rule_decisions(curated), user], ignore_index=True)
@@ -414,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sync = result.fiftyone
     where = f"FiftyOne {result.dataset_name} ({sync['action']}, {sync['seconds']} s)" if sync else "FiftyOne off"
+    if sync and sync.get("signals"):
+        t = sync["signals"]
+        where += f"; signals {t['seconds']} s (embeddings {'cached' if t['embeddings_cached'] else 'computed'})"
     print(f"curated {result.version} -> {result.curated_version}: {result.n_samples} samples, {result.n_excluded} excluded "
           f"{result.reasons}; {where}")
     return 0

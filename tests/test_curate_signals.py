@@ -166,7 +166,10 @@ def test_resync_is_idempotent(curated):
     import fiftyone as fo
 
     params, _, _, first, manifest, signals, _ = curated
+    outputs = {f: (params.paths.data / "curate" / f).read_bytes() for f in ("curation.json", "manifest.parquet")}
     again = _curate(params)
+    # the outputs are DVC-tracked inputs of training: byte-identical, or the model retrains
+    assert outputs == {f: (params.paths.data / "curate" / f).read_bytes() for f in outputs}
     assert again.fiftyone["action"] == "unchanged"
     # computed embeddings the first time, cached ones now: the same signals either way
     cached = load_table(params.paths.data / "curate" / "signals.parquet").to_pandas()
