@@ -83,6 +83,11 @@ def checkout(version: str, params, root: Path | str = ".") -> dict:
         known = ", ".join(e["version"] for e in entries[-10:]) or "none"
         raise VersionError(f"unknown dataset version {version!r}; known: {known}")
     entry = matches[-1]
+    if entry.get("kind") == "curation":
+        raise VersionError(
+            f"{version} is a curated version of {entry['parent']}: check out {entry['parent']} and the git "
+            f"commit holding {entry.get('decisions_file') or 'its rules in params.yaml'}, then `pixelops run` "
+            f"rebuilds it (curation sha256 {entry['curation_sha256'][:12]})")
     if not entry.get("dvc_md5"):
         raise VersionError(f"{version} was never recorded in dvc.lock, so DVC holds no copy of it")
     out_dir = root / params.paths.data / "ingest"

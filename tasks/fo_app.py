@@ -185,6 +185,10 @@ def serve_app(dataset_name: str, *, database: DatabaseParams, port: int, address
 
     from fiftyone.server.app import app
     from fiftyone.server.events import set_port
+
+    # FiftyOne builds its Starlette app with debug=True: any unhandled error (e.g. /plugins/x
+    # when the plugins folder is missing) answers 500 with the full traceback and local paths.
+    app.debug = False
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 

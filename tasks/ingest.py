@@ -73,6 +73,11 @@ class IngestResult:
 # --------------------------------------------------------------------------- registry
 
 
+def ingested_versions(entries: list[dict]) -> list[dict]:
+    """The registry's ingest entries; curated versions (kind curation, tasks.curate) come between."""
+    return [e for e in entries if e.get("kind", "ingest") == "ingest"]
+
+
 def load_registry(path: Path | str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -85,9 +90,10 @@ def save_registry(path: Path | str, entries: list[dict]) -> None:
 
 
 def _register(path: Path, info: dict, params: IngestParams, parent: str | None) -> None:
-    """Append the version to the registry unless it is already the latest entry."""
+    """Append the version to the registry unless it is already the latest ingest entry."""
     entries = load_registry(path)
-    if entries and entries[-1]["version"] == info["version"]:
+    ingested = ingested_versions(entries)
+    if ingested and ingested[-1]["version"] == info["version"]:
         return
     parent = parent if parent != info["version"] else None
     entries.append({
@@ -163,7 +169,7 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
 
     # `dvc repro` deletes a stage's outputs before running it, so the parent (the version current
     # before this one) comes from the registry, falling back to the folder being replaced.
-    previous = load_registry(registry)[-1:] if registry is not None else []
+    previous = ingested_versions(load_registry(registry))[-1:] if registry is not None else []
     parent = previous[0]["version"] if previous else (
         json.loads((out_dir / "version.json").read_text())["version"] if (out_dir / "version.json").is_file() else None)
     old = out_dir.with_name(f".{out_dir.name}.old")

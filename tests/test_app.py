@@ -180,6 +180,10 @@ def test_app_serves_dataset_media_only_on_loopback(small_dataset, tmp_path):
         status, body, _ = _get(f"{base}/media?filepath={paths[1]}&filepath=/etc/passwd")
         assert status == 404 and b"root:" not in body
 
+        # Errors answer without a traceback (FiftyOne's app runs with debug=True by default).
+        status, body, _ = _get(base + "/plugins/nothing/here.js")
+        assert status >= 400 and b"Traceback" not in body and b"site-packages" not in body
+
         # Another site's page: a rebound Host name, or a cross-site POST to FiftyOne's operators.
         rebound = urllib.request.Request(_media(base, str(paths[1])), headers={"Host": f"evil.example:{port}"})
         assert _status(rebound) == 403

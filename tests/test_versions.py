@@ -40,3 +40,24 @@ def test_list_checkout_and_push(tmp_path, monkeypatch):
     pushed = dvc(project, "push", "ingest")
     assert pushed.returncode == 0, pushed.stderr
     assert any((project / "remote").rglob("*")), "the version's files reached the remote"
+
+
+def test_curated_versions_sit_between_ingest_versions(tmp_path, monkeypatch):
+    project = make_project(tmp_path / "p", [*TINY_OVERRIDES, "ingest.limit_per_split=40", "curate.fiftyone=false",
+                                            "validate.min_per_class=1"])
+    monkeypatch.chdir(project)
+    run_stage("ingest", load_params())
+    first = json.loads((project / "data" / "ingest" / "version.json").read_text())["version"]
+    run_stage("validate", load_params())
+    run_stage("curate", load_params())
+    curated = json.loads((project / "data" / "curate" / "curation.json").read_text())["curated_version"]
+    set_param(project, "ingest.limit_per_split", 30)
+    run_stage("ingest", load_params())
+    second = json.loads((project / "data" / "ingest" / "version.json").read_text())["version"]
+
+    entries = {e["version"]: e for e in list_versions(load_params())}
+    assert list(entries) == [first, curated, second]
+    assert entries[curated]["kind"] == "curation" and entries[curated]["parent"] == first
+    assert entries[second]["parent"] == first  # lineage of ingests skips the curation between
+    with pytest.raises(VersionError, match=f"{curated} is a curated version of {first}"):
+        checkout(curated, load_params())
