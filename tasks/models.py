@@ -5,6 +5,9 @@ replaced for the dataset's classes, plus what it needs to be rebuilt and normali
 `resnet18_small` is ResNet-18 adapted to small images (3×3 stride-1 stem, no max-pool),
 the usual CIFAR-style change. For MobileNetV2 at ≤ 64 px the stem's stride is set to 1 so the
 last feature map keeps a spatial extent (32 px in → 2×2 instead of 1×1).
+
+`set_finetune(model, arch, mode, trainable_stages)` chooses what trains (see FINETUNE_MODES);
+`set_train_mode(model)` is `model.train()` with the frozen parts' BatchNorm kept in eval mode.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tasks.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.weights import load_state_dict, resolve_weights
 
 ARCHS = ("mobilenet_v2", "resnet18", "resnet18_small")
+FINETUNE_MODES = ("full", "linear_probe", "partial")
 SMALL_IMAGE = 64  # at or below this size the stem keeps full resolution
 
 
@@ -68,7 +72,7 @@ def build_model(arch: str, n_classes: int, *, weights: str | None, image_size: i
     model = _skeleton(arch, image_size)
     spec = ModelSpec(arch=arch, n_classes=n_classes, image_size=image_size, weights=weights)
     if weights:
-        path, digest, meta = resolve_weights(_torchvision_arch(arch), weights)
+        path, digest, _meta = resolve_weights(_torchvision_arch(arch), weights)
         state = load_state_dict(path)
         if arch == "resnet18_small":
             state.pop("conv1.weight", None)  # the 3×3 stem has no pretrained counterpart
@@ -88,6 +92,74 @@ def rebuild_model(spec: ModelSpec, state_dict: dict) -> nn.Module:
     _adapt_small(model, spec.arch, spec.image_size)
     _replace_head(model, spec.arch, spec.n_classes)
     model.load_state_dict(state_dict)
+    return model
+
+
+def head_name(arch: str) -> str:
+    """The replaced classification layer: `fc` (ResNet) or `classifier.1` (MobileNetV2)."""
+    return "fc" if arch.startswith("resnet") else "classifier.1"
+
+
+def backbone_stages(model: nn.Module, arch: str) -> list[list[nn.Module]]:
+    """The backbone as stages, input to output; `partial` fine-tuning unfreezes the last ones.
+
+    resnet18, resnet18_small: 5 stages, [conv1 + bn1 (the stem), layer1, layer2, layer3, layer4].
+    mobilenet_v2: 19 stages, features[0] .. features[18] (the stem conv, the 17 inverted
+    residual blocks, the final 1×1 conv to 1280 channels), one stage per index.
+    """
+    if arch.startswith("resnet"):
+        return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
+    if arch == "mobilenet_v2":
+        return [[block] for block in model.features]
+    raise ValueError(f"unknown model {arch!r}; allowed: {', '.join(ARCHS)}")
+
+
+def set_finetune(model: nn.Module, arch: str, mode: str, trainable_stages: int) -> dict:
+    """Freeze what `mode` does not train (requires_grad=False); return what trains.
+
+    full:         every parameter trains (nothing is touched).
+    linear_probe: only the new head (`head_name(arch)`) trains.
+    partial:      the head and the last `trainable_stages` of `backbone_stages(model, arch)`.
+
+    BatchNorm policy: a BatchNorm layer in a frozen part keeps its pretrained affine
+    parameters (frozen with the rest) and its running statistics: `set_train_mode` puts it in
+    eval mode, so it normalizes with the pretrained statistics and never updates them. Call
+    `set_train_mode` instead of `model.train()` (after every switch back from evaluation).
+    BatchNorm in the trainable parts behaves as usual (batch statistics, running averages).
+
+    Returns {"mode", "stages": backbone stage count, "trainable_stages": stages that train}.
+    Raises ValueError for an unknown mode, or `trainable_stages` outside 1..stages in partial.
+    """
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown finetune mode {mode!r}; allowed: {', '.join(FINETUNE_MODES)}")
+    stages = backbone_stages(model, arch)
+    if mode == "full":
+        return {"mode": mode, "stages": len(stages), "trainable_stages": len(stages)}
+    if mode == "partial" and not 1 <= trainable_stages <= len(stages):
+        raise ValueError(f"train.trainable_stages={trainable_stages}: {arch} has {len(stages)} backbone "
+                         f"stages; allowed 1..{len(stages)}")
+    n_train = trainable_stages if mode == "partial" else 0
+    model.requires_grad_(False)
+    for stage in stages[len(stages) - n_train:]:
+        for module in stage:
+            module.requires_grad_(True)
+    model.get_submodule(head_name(arch)).requires_grad_(True)
+    return {"mode": mode, "stages": len(stages), "trainable_stages": n_train}
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, then BatchNorm layers with no trainable parameter back to eval mode.
+
+    A BatchNorm whose affine parameters are frozen belongs to a frozen part (`set_finetune`);
+    eval mode keeps its running statistics as they were. With nothing frozen this is exactly
+    `model.train()`.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
     return model
 
 

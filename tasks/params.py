@@ -161,6 +161,10 @@ class TrainParams(_Strict):
     bf16: Literal["auto", True, False] = "auto"
     channels_last: bool = True
     augment: AugmentParams = AugmentParams()
+    finetune: Literal["full", "linear_probe", "partial"] = "full"
+    trainable_stages: int = Field(default=2, ge=1)  # partial: the last N backbone stages train
+    keep_checkpoints: int = Field(default=2, ge=1)  # newest K epoch checkpoints kept for resume
+    resume: bool = True  # continue from the newest valid checkpoint of this exact configuration
 
 
 class EvaluateParams(_Strict):

@@ -4,10 +4,21 @@ Inputs:  data/curate/manifest.parquet (rows not excluded, split train), images u
          data/ingest/, classes.json; pretrained weights from torch's hub cache or a file.
 Outputs: data/train/ (`paths.data`/train)
     model.pt               best-validation weights (state_dict; load with weights_only=True)
-    model.json             model spec, dataset version, history, timings, parameter counts
-    checkpoint.pt          last epoch's full state (model, optimizer, schedule, RNG) for resume
+    model.json             model spec, dataset version, fine-tuning mode, history, timings,
+                           parameter counts (total, trainable after freezing)
     params.resolved.yaml   every param this run used
+Cache:   `paths.cache`/train/<run key>/epoch-NNNN.pt, epoch checkpoints for resume
+         (tasks.checkpoints); not in data/train/, which `dvc repro` deletes before the stage runs.
 Params:  `train:` section and `seed`.
+
+Fine-tuning (`train.finetune`, tasks.models.set_finetune): `full` trains everything;
+`linear_probe` only the new head; `partial` the head and the last `train.trainable_stages`
+backbone stages. Frozen parameters stay out of the optimizer, and BatchNorm in frozen parts
+stays in eval mode (pretrained running statistics, never updated).
+
+Resume (`train.resume`): a run continues after the newest valid epoch checkpoint of the same
+run key, with model, optimizer, schedule and every RNG restored, so on CPU it ends with the
+same weights as a run that was never interrupted. The newest `train.keep_checkpoints` are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from tasks import checkpoints
 from tasks.data import (
     build_eval_transform,
     build_train_transform,
@@ -32,7 +44,14 @@ from tasks.data import (
     split_train_val,
 )
 from tasks.io import atomic_write_bytes, atomic_write_json, load_table, read_json, sha256_file
-from tasks.models import ModelSpec, bf16_supported, build_model, count_parameters
+from tasks.models import (
+    ModelSpec,
+    bf16_supported,
+    build_model,
+    count_parameters,
+    set_finetune,
+    set_train_mode,
+)
 from tasks.params import Params, TrainParams, dump_resolved
 
 
@@ -92,14 +111,37 @@ def predict_logits(model, images: torch.Tensor, normalize, *, batch_size: int, d
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _save_checkpoint(path: Path, **state) -> None:
+def _save_weights(path: Path, state_dict: dict) -> None:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({"state_dict": state_dict}, buf)
     atomic_write_bytes(path, buf.getvalue())  # temp + fsync + rename: never half-written
 
 
-def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0) -> TrainResult:
-    """Fine-tune `params.model` on the curated version in `curate_dir`; write to `out_dir`."""
+def _resume(run_dir: Path, key: str, *, params: TrainParams, model, opt, sched, gen, device):
+    """(start epoch, best, best_state, history): from the newest valid checkpoint, or fresh."""
+    state, path = (checkpoints.load_latest(run_dir, key=key, model=model, epochs=params.epochs)
+                   if params.resume else (None, None))
+    start, best, best_state, history = 0, -1.0, None, []
+    if state is not None:
+        start, best, best_state, history = checkpoints.restore(
+            state, model=model, optimizer=opt, scheduler=sched, generator=gen, device=device)
+        print(f"resuming after epoch {start}/{params.epochs} from {path}", flush=True)
+    checkpoints.discard_after(run_dir, start)  # a fresh start must not keep an older run's later epochs
+    return start, best, best_state, history
+
+
+def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0,
+          cache_dir: Path | None = None) -> TrainResult:
+    """Fine-tune `params.model` on the curated version in `curate_dir`; write to `out_dir`.
+
+    curate_dir: the curate stage's output (manifest.parquet, curation.json).
+    params:     the `train:` section (model, fine-tuning mode, schedule, resume, ...).
+    out_dir:    receives model.pt and model.json.
+    seed:       seeds weights of the new head, the val carve-out, data order, augmentation, dropout.
+    cache_dir:  epoch checkpoints go to cache_dir/train/<run key>/ and, with `params.resume`, a
+                run continues from there; None: no checkpoints, no resume.
+    Returns a TrainResult. Raises ValueError when no train rows are left or the mode does not fit.
+    """
     t_start = time.perf_counter()
     torch.set_num_threads(params.num_threads)
     torch.manual_seed(seed)
@@ -121,21 +163,28 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     model, normalize, eval_norm = model.to(device), normalize.to(device), eval_norm.to(device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    finetune = set_finetune(model, params.model, params.finetune, params.trainable_stages)
     autocast, bf16 = _autocast(device, params)
 
     steps_per_epoch = math.ceil(len(tr_idx) / params.batch_size)
     total = steps_per_epoch * params.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # full: all, in the same order as before
+    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(params.warmup_epochs * steps_per_epoch)))
     gen = torch.Generator().manual_seed(seed)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history, best, best_state = [], -1.0, None
+    run_dir, key, start, history, best, best_state = None, None, 0, [], -1.0, None
+    if cache_dir is not None:
+        key = checkpoints.run_key(curate_dir, params, seed=seed, weights_sha256=spec.weights_sha256)
+        run_dir = checkpoints.run_dir(cache_dir, key)
+        start, best, best_state, history = _resume(run_dir, key, params=params, model=model, opt=opt,
+                                                   sched=sched, gen=gen, device=device)
     t_train = time.perf_counter()
-    for epoch in range(params.epochs):
-        model.train()
+    for epoch in range(start, params.epochs):
+        set_train_mode(model)  # frozen parts' BatchNorm stays in eval mode
         t_epoch, loss_sum = time.perf_counter(), 0.0
         order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
         for step in range(steps_per_epoch):
@@ -167,13 +216,15 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         score = entry.get("val_accuracy", epoch)  # without a val split: the last epoch
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
-        _save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), optimizer=opt.state_dict(),
-                         scheduler=sched.state_dict(), epoch=epoch + 1, generator=gen.get_state(),
-                         torch_rng=torch.get_rng_state())
+        if run_dir is not None:
+            state = checkpoints.capture(epoch=epoch + 1, run_key=key, model=model, optimizer=opt, scheduler=sched,
+                                        generator=gen, best=best, best_state=best_state, history=history,
+                                        device=device)
+            checkpoints.save(run_dir, state, keep=params.keep_checkpoints)
 
-    train_seconds = time.perf_counter() - t_train
-    _save_checkpoint(out_dir / "model.pt", state_dict=best_state)
-    n_seen = len(tr_idx) * params.epochs
+    train_seconds = max(time.perf_counter() - t_train, 1e-9)
+    _save_weights(out_dir / "model.pt", best_state)
+    n_seen = len(tr_idx) * (params.epochs - start)  # images trained on in this process
     meta = {
         "spec": asdict(spec),
         "classes": classes,
@@ -182,7 +233,11 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         "n_val": len(val_idx),
         "device": str(device),
         "bf16": bf16,
+        "finetune": params.finetune,
+        "backbone_stages": {"total": finetune["stages"], "trainable": finetune["trainable_stages"]},
         "parameters": count_parameters(model),
+        "resumed_after_epoch": start or None,
+        "checkpoint_dir": str(run_dir) if run_dir is not None else None,
         "history": history,
         "best_val_accuracy": best if len(val_idx) else None,
         "seconds": {"load": round(t_loaded - t_start, 2), "train": round(train_seconds, 2),
@@ -207,7 +262,8 @@ def load_trained(model_dir: Path):
 
 def run(params: Params) -> TrainResult:
     out_dir = params.paths.data / "train"
-    result = train(params.paths.data / "curate", params=params.train, out_dir=out_dir, seed=params.seed)
+    result = train(params.paths.data / "curate", params=params.train, out_dir=out_dir, seed=params.seed,
+                   cache_dir=params.paths.cache)
     dump_resolved(params, out_dir / "params.resolved.yaml")
     return result
 

@@ -30,10 +30,12 @@ def test_train_writes_model_and_lineage(trained):
     assert meta["dataset_version"] == result.version
     assert meta["spec"]["arch"] == "mobilenet_v2" and meta["spec"]["weights_sha256"].startswith("b0353104")
     assert len(meta["history"]) == 2 and meta["n_val"] == 30
-    assert (out / "params.resolved.yaml").is_file() and (out / "checkpoint.pt").is_file()
-    # the checkpoint is a plain tensor dict: loadable with weights_only=True
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 2 and "optimizer" in state
+    assert (out / "params.resolved.yaml").is_file() and meta["finetune"] == "full"
+    # epoch checkpoints live in the cache, outside the DVC output, as plain tensor dicts
+    assert not list(out.glob("*checkpoint*")) and meta["checkpoint_dir"].startswith(str(params.paths.cache))
+    last = max((params.paths.cache / "train").glob("*/epoch-*.pt"))
+    state = torch.load(last, weights_only=True)
+    assert last.name == "epoch-0002.pt" and state["epoch"] == 2 and "optimizer" in state
 
 
 def test_evaluate_beats_chance_and_writes_report(trained):

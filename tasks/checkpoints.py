@@ -1,0 +1,151 @@
+"""Epoch checkpoints of the train stage, for an exact resume after a crash or a kill.
+
+Checkpoints live outside the stage's DVC output (`dvc repro` deletes data/train/ before the
+stage runs), under `paths.cache`:
+
+    <cache_dir>/train/<run key>/epoch-0001.pt, epoch-0002.pt, ...
+
+The run key (`run_key`) is made of content: the curated manifest and curation.json bytes, the
+`train:` section without the knobs that cannot change the result (`resume`,
+`keep_checkpoints`), the seed, the pretrained weights' sha256, the torch version and the
+training code. Any change that could change the numbers gives a new folder, so a resume
+never mixes two configurations. One run per key at a time.
+
+A checkpoint holds everything the next epoch depends on: model, optimizer and LR schedule
+states, the data-order / augmentation generator, torch's global RNG (dropout), CUDA's RNG on
+a GPU, the best score and weights so far, and the history. All of it is tensors and plain
+Python values, so it loads with `torch.load(weights_only=True)`. On CPU a resumed run ends with
+the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tasks.io import atomic_write_bytes, sha256_file
+from tasks.params import TrainParams
+
+FORMAT = 1
+# The code whose change could change a run's numbers: part of the run key.
+SOURCES = ("train.py", "checkpoints.py", "models.py", "data.py")
+_KEYS = {"format", "run_key", "epoch", "model", "optimizer", "scheduler", "generator", "torch_rng",
+         "best", "best_state", "history"}
+
+
+def run_key(curate_dir: Path, params: TrainParams, *, seed: int, weights_sha256: str | None) -> str:
+    """16 hex digits naming one training configuration on one curated version (content only)."""
+    curate_dir = Path(curate_dir)
+    h = hashlib.sha256()
+    for path in (curate_dir / "manifest.parquet", curate_dir / "curation.json"):
+        h.update(sha256_file(path).encode())
+    config = params.model_dump(mode="json", exclude={"resume", "keep_checkpoints"})
+    here = Path(__file__).parent
+    identity = {"train": config, "seed": seed, "weights_sha256": weights_sha256, "torch": torch.__version__,
+                "code": {name: sha256_file(here / name) for name in SOURCES}}
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run_dir(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / "train" / key
+
+
+def epoch_path(folder: Path, epoch: int) -> Path:
+    return Path(folder) / f"epoch-{epoch:04d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every epoch-NNNN.pt in `folder`, oldest first."""
+    found = []
+    for path in Path(folder).glob("epoch-*.pt"):
+        stem = path.stem.removeprefix("epoch-")
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def save(folder: Path, state: dict, *, keep: int) -> Path:
+    """Write `state` as epoch-NNNN.pt atomically, then delete all but the newest `keep`."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    path = epoch_path(folder, state["epoch"])
+    atomic_write_bytes(path, buf.getvalue())  # durable (fsync'd, renamed) before older ones go
+    for _, old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def capture(*, epoch: int, run_key: str, model, optimizer, scheduler, generator: torch.Generator,
+            best: float, best_state: dict | None, history: list[dict], device: torch.device) -> dict:
+    """Everything the epochs after `epoch` depend on, as weights_only-loadable values."""
+    state = {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "best": float(best), "best_state": best_state, "history": history}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _check(state: object, *, key: str, model, epochs: int) -> str | None:
+    """Why `state` cannot resume this run, or None when it can."""
+    if not isinstance(state, dict) or not _KEYS <= set(state):
+        return f"missing entries {sorted(_KEYS - set(state)) if isinstance(state, dict) else 'all'}"
+    if state["format"] != FORMAT or state["run_key"] != key:
+        return f"format {state['format']} / run key {state['run_key']}, expected {FORMAT} / {key}"
+    if not isinstance(state["epoch"], int) or not 1 <= state["epoch"] <= epochs:
+        return f"epoch {state['epoch']!r} outside 1..{epochs}"
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name in ("model", "best_state"):
+        got = state[name]
+        if not isinstance(got, dict) or {k: getattr(v, "shape", None) for k, v in got.items()} != expected:
+            return f"{name}: tensors do not match the model"
+    return None
+
+
+def load_latest(folder: Path, *, key: str, model, epochs: int) -> tuple[dict, Path] | tuple[None, None]:
+    """The newest checkpoint in `folder` that loads and fits this run, and its path.
+
+    An unreadable or mismatching file is reported on stderr, naming it, and the one before it
+    is tried; (None, None) when none is usable (the run starts fresh).
+    """
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read an untrusted file means "unusable"
+            why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        else:
+            why = _check(state, key=key, model=model, epochs=epochs)
+            if why is None:
+                return state, path
+        print(f"warning: checkpoint {path}: {why}; falling back to the previous one",
+              file=sys.stderr, flush=True)
+    return None, None
+
+
+def restore(state: dict, *, model, optimizer, scheduler, generator: torch.Generator,
+            device: torch.device) -> tuple[int, float, dict, list[dict]]:
+    """Put a checkpoint's states back; returns (epoch, best, best_state, history)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["epoch"], state["best"], state["best_state"], list(state["history"])
+
+
+def discard_after(folder: Path, epoch: int) -> None:
+    """Delete checkpoints newer than `epoch` (all of them for 0: a fresh start) and stale temp files."""
+    for n, path in list_checkpoints(folder):
+        if n > epoch:
+            path.unlink(missing_ok=True)
+    for tmp in Path(folder).glob(".epoch-*.tmp"):  # left by a process killed mid-write
+        tmp.unlink(missing_ok=True)

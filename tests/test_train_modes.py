@@ -1,0 +1,171 @@
+"""Fine-tuning modes (what trains, frozen BatchNorm) and exact resume from epoch checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tasks import curate, ingest, train
+from tasks.io import sha256_file
+from tasks.models import build_model, set_finetune, set_train_mode
+from tests.conftest import ROOT, tiny_params
+
+BASE = ["curate.fiftyone=false", "ingest.limit_per_split=100", "train.image_size=32", "train.batch_size=64",
+        "train.epochs=1"]
+# Which parameter names train in each mode (mobilenet_v2; partial with trainable_stages=2).
+MODES = {"full": ("",), "linear_probe": ("classifier.1.",),
+         "partial": ("features.17.", "features.18.", "classifier.1.")}
+
+# Runs tasks.train.train in a fresh process; with a delay, each training step first sleeps
+# (no numbers or RNG touched), so the kill lands while training is still under way.
+RUN = """
+import sys, time
+from pathlib import Path
+from tasks import data, train
+from tasks.params import TrainParams
+params, curate_dir, out_dir, cache_dir, delay = sys.argv[1:]
+forward = data.TrainAugment.forward
+def slowed(self, x, generator=None):
+    time.sleep(float(delay))
+    return forward(self, x, generator=generator)
+data.TrainAugment.forward = slowed
+train.train(Path(curate_dir), params=TrainParams.model_validate_json(params), out_dir=Path(out_dir),
+            seed=0, cache_dir=Path(cache_dir))
+"""
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("modes")
+    params = tiny_params(tmp, BASE)
+    ingest.run(params)
+    curate.run(params)
+    return params.paths.data / "curate"
+
+
+def _params(curate_dir, extra):
+    return tiny_params(curate_dir.parents[1], BASE + extra).train
+
+
+def _weights(out_dir) -> dict:
+    return torch.load(out_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
+
+
+def _assert_same_run(out_dir, cache, expected, ref_cache) -> None:
+    """model.pt (the best epoch's weights) and the last epoch's model and optimizer states match."""
+    _assert_same_weights(_weights(out_dir), expected)
+    ref_meta = json.loads((ref_cache.parent / "ref" / "model.json").read_text())
+    assert sha256_file(out_dir / "model.pt") == ref_meta["model_sha256"]  # the same bytes for DVC too
+    last, ref = (torch.load(max(c.glob("train/*/epoch-*.pt")), weights_only=True) for c in (cache, ref_cache))
+    assert last["epoch"] == ref["epoch"] == 3 and last["best"] == ref["best"]
+    _assert_same_weights(last["model"], ref["model"])
+    pairs = zip(last["optimizer"]["state"].values(), ref["optimizer"]["state"].values(), strict=True)
+    moments = [(a[k], b[k]) for a, b in pairs for k in ("exp_avg", "exp_avg_sq", "step")]
+    assert len(moments) == 3 * len(ref["optimizer"]["state"]) and all(torch.equal(a, b) for a, b in moments)
+
+
+@pytest.fixture(scope="module")
+def mode_runs(curated):
+    out = {}
+    for mode in MODES:
+        out_dir = curated.parents[1] / f"train-{mode}"
+        train.train(curated, params=_params(curated, [f"train.finetune={mode}", "train.trainable_stages=2"]),
+                    out_dir=out_dir, seed=0)
+        out[mode] = (_weights(out_dir), json.loads((out_dir / "model.json").read_text()))
+    return out
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_only_the_chosen_parts_train(mode_runs, mode):
+    torch.manual_seed(0)  # as train() does before building the model: the same new head
+    model, _ = build_model("mobilenet_v2", 10, weights="IMAGENET1K_V1", image_size=32)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trained, meta = mode_runs[mode]
+    params = dict(model.named_parameters())
+    expected = {k for k in params if k.startswith(MODES[mode])}
+    changed = {k for k in params if not torch.equal(initial[k], trained[k])}
+    assert changed == expected
+    bn_stats = [k for k in initial if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    frozen_bn = [k for k in bn_stats if k.rsplit(".", 1)[0] + ".weight" not in expected]
+    assert all(torch.equal(initial[k], trained[k]) for k in frozen_bn)  # eval mode: statistics kept
+    assert all(not torch.equal(initial[k], trained[k]) for k in bn_stats if k not in frozen_bn)
+    assert meta["finetune"] == mode
+    assert meta["parameters"]["trainable"] == sum(params[k].numel() for k in expected)
+
+
+def test_trainable_counts_order(mode_runs):
+    counts = {m: meta["parameters"] for m, (_, meta) in mode_runs.items()}
+    assert counts["linear_probe"]["trainable"] < counts["partial"]["trainable"] < counts["full"]["trainable"]
+    assert counts["full"]["trainable"] == counts["full"]["total"] == counts["partial"]["total"]
+
+
+def test_resnet_stages_and_frozen_batchnorm():
+    model, _ = build_model("resnet18_small", 10, weights=None, image_size=32)
+    info = set_finetune(model, "resnet18_small", "partial", 1)
+    assert info == {"mode": "partial", "stages": 5, "trainable_stages": 1}
+    assert {k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad} == {"layer4", "fc"}
+    set_train_mode(model)
+    assert not model.bn1.training and not model.layer3[0].bn1.training and model.layer4[0].bn1.training
+    with pytest.raises(ValueError, match=r"resnet18_small has 5 backbone stages; allowed 1\.\.5"):
+        set_finetune(model, "resnet18_small", "partial", 6)
+
+
+@pytest.fixture(scope="module")
+def reference(curated):
+    """An uninterrupted 3-epoch run (dropout on: mobilenet_v2's classifier) with its checkpoints."""
+    params = _params(curated, ["train.epochs=3", "train.keep_checkpoints=2"])
+    out_dir, cache = curated.parents[1] / "ref", curated.parents[1] / "ref-cache"
+    train.train(curated, params=params, out_dir=out_dir, seed=0, cache_dir=cache)
+    return params, _weights(out_dir), cache
+
+
+def _run(params, curated, out_dir, cache, delay=0.0):
+    return subprocess.Popen([sys.executable, "-c", RUN, params.model_dump_json(), str(curated), str(out_dir),
+                             str(cache), str(delay)], cwd=ROOT, env=os.environ.copy(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_resume_after_sigkill_gives_identical_weights(reference, curated, tmp_path):
+    params, expected, ref_cache = reference
+    kept = sorted(p.name for p in ref_cache.glob("train/*/epoch-*.pt"))
+    assert kept == ["epoch-0002.pt", "epoch-0003.pt"]  # keep_checkpoints=2
+    proc = _run(params, curated, tmp_path / "out", tmp_path / "cache", delay=0.5)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and not list(tmp_path.glob("cache/train/*/epoch-*.pt")):
+        assert time.monotonic() < deadline, "no epoch checkpoint after 180 s"
+        time.sleep(0.02)
+    assert proc.poll() is None, f"training ended before it could be killed:\n{proc.communicate()[0]}"
+    proc.kill()  # SIGKILL: no cleanup, no atexit
+    proc.wait()
+    assert proc.returncode == -9 and not (tmp_path / "out" / "model.pt").exists()
+    resumed = _run(params, curated, tmp_path / "out", tmp_path / "cache")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "resuming after epoch" in log
+    _assert_same_run(tmp_path / "out", tmp_path / "cache", expected, ref_cache)
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference, curated, tmp_path, capsys):
+    params, expected, ref_cache = reference
+    cache = tmp_path / "cache"
+    shutil.copytree(ref_cache, cache)
+    newest = max(cache.glob("train/*/epoch-*.pt"))
+    newest.write_bytes(b"\x00garbage" * 100)
+    train.train(curated, params=params, out_dir=tmp_path / "out", seed=0, cache_dir=cache)
+    captured = capsys.readouterr()
+    assert str(newest) in captured.err and "falling back" in captured.err
+    assert "resuming after epoch 2/3" in captured.out
+    _assert_same_run(tmp_path / "out", cache, expected, ref_cache)
