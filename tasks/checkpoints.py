@@ -13,7 +13,8 @@ never mixes two configurations. One run per key at a time.
 
 A checkpoint holds everything the next epoch depends on: model, optimizer and LR schedule
 states, the data-order / augmentation generator, torch's global RNG (dropout), CUDA's RNG on
-a GPU, the best score and weights so far, and the history. All of it is tensors and plain
+a GPU, the best score and weights so far, the history, and with `train.ema_decay` the EMA
+model's state (its early-stopping counter needs no entry: it is derived from the history). All of it is tensors and plain
 Python values, so it loads with `torch.load(weights_only=True)`. On CPU a resumed run ends with
 the same weights, bit for bit, as an uninterrupted one.
 """
@@ -33,7 +34,7 @@ from tasks.params import TrainParams
 
 FORMAT = 1
 # The code whose change could change a run's numbers: part of the run key.
-SOURCES = ("train.py", "checkpoints.py", "models.py", "data.py")
+SOURCES = ("train.py", "checkpoints.py", "recipe.py", "models.py", "data.py")
 _KEYS = {"format", "run_key", "epoch", "model", "optimizer", "scheduler", "generator", "torch_rng",
          "best", "best_state", "history"}
 
@@ -82,34 +83,48 @@ def save(folder: Path, state: dict, *, keep: int) -> Path:
 
 
 def capture(*, epoch: int, run_key: str, model, optimizer, scheduler, generator: torch.Generator,
-            best: float, best_state: dict | None, history: list[dict], device: torch.device) -> dict:
-    """Everything the epochs after `epoch` depend on, as weights_only-loadable values."""
+            best: float, best_state: dict | None, history: list[dict], device: torch.device,
+            ema=None) -> dict:
+    """Everything the epochs after `epoch` depend on, as weights_only-loadable values.
+
+    ema: the AveragedModel of `train.ema_decay`, or None (no entry).
+    """
     state = {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
              "best": float(best), "best_state": best_state, "history": history}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _check(state: object, *, key: str, model, epochs: int) -> str | None:
+def _shapes(tensors: dict) -> dict:
+    return {k: getattr(v, "shape", None) for k, v in tensors.items()}
+
+
+def _check(state: object, *, key: str, model, epochs: int, ema=None) -> str | None:
     """Why `state` cannot resume this run, or None when it can."""
-    if not isinstance(state, dict) or not _KEYS <= set(state):
-        return f"missing entries {sorted(_KEYS - set(state)) if isinstance(state, dict) else 'all'}"
+    needed = _KEYS | ({"ema"} if ema is not None else set())
+    if not isinstance(state, dict) or not needed <= set(state):
+        return f"missing entries {sorted(needed - set(state)) if isinstance(state, dict) else 'all'}"
     if state["format"] != FORMAT or state["run_key"] != key:
         return f"format {state['format']} / run key {state['run_key']}, expected {FORMAT} / {key}"
     if not isinstance(state["epoch"], int) or not 1 <= state["epoch"] <= epochs:
         return f"epoch {state['epoch']!r} outside 1..{epochs}"
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for name in ("model", "best_state"):
+    expected = {"model": _shapes(model.state_dict()), "best_state": _shapes(model.state_dict())}
+    if ema is not None:
+        expected["ema"] = _shapes(ema.state_dict())
+    for name, shapes in expected.items():
         got = state[name]
-        if not isinstance(got, dict) or {k: getattr(v, "shape", None) for k, v in got.items()} != expected:
+        if not isinstance(got, dict) or _shapes(got) != shapes:
             return f"{name}: tensors do not match the model"
     return None
 
 
-def load_latest(folder: Path, *, key: str, model, epochs: int) -> tuple[dict, Path] | tuple[None, None]:
+def load_latest(folder: Path, *, key: str, model, epochs: int,
+                ema=None) -> tuple[dict, Path] | tuple[None, None]:
     """The newest checkpoint in `folder` that loads and fits this run, and its path.
 
     An unreadable or mismatching file is reported on stderr, naming it, and the one before it
@@ -121,7 +136,7 @@ def load_latest(folder: Path, *, key: str, model, epochs: int) -> tuple[dict, Pa
         except Exception as e:  # noqa: BLE001 - any failure to read an untrusted file means "unusable"
             why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         else:
-            why = _check(state, key=key, model=model, epochs=epochs)
+            why = _check(state, key=key, model=model, epochs=epochs, ema=ema)
             if why is None:
                 return state, path
         print(f"warning: checkpoint {path}: {why}; falling back to the previous one",
@@ -130,9 +145,11 @@ def load_latest(folder: Path, *, key: str, model, epochs: int) -> tuple[dict, Pa
 
 
 def restore(state: dict, *, model, optimizer, scheduler, generator: torch.Generator,
-            device: torch.device) -> tuple[int, float, dict, list[dict]]:
-    """Put a checkpoint's states back; returns (epoch, best, best_state, history)."""
+            device: torch.device, ema=None) -> tuple[int, float, dict, list[dict]]:
+    """Put a checkpoint's states back (the EMA model's too, when given); returns (epoch, best, best_state, history)."""
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])

@@ -165,6 +165,11 @@ class TrainParams(_Strict):
     trainable_stages: int = Field(default=2, ge=1)  # partial: the last N backbone stages train
     keep_checkpoints: int = Field(default=2, ge=1)  # newest K epoch checkpoints kept for resume
     resume: bool = True  # continue from the newest valid checkpoint of this exact configuration
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # sgd only (Nesterov)
+    grad_clip: float | None = Field(default=None, gt=0)  # max global gradient norm; null: off
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)  # EMA of weights, evaluated and saved; null: off
+    early_stopping_patience: int | None = Field(default=None, ge=1)  # epochs without val gain; null: off
 
 
 class EvaluateParams(_Strict):

@@ -19,6 +19,12 @@ stays in eval mode (pretrained running statistics, never updated).
 Resume (`train.resume`): a run continues after the newest valid epoch checkpoint of the same
 run key, with model, optimizer, schedule and every RNG restored, so on CPU it ends with the
 same weights as a run that was never interrupted. The newest `train.keep_checkpoints` are kept.
+
+Recipe (tasks.recipe): `train.optimizer` adamw or sgd (Nesterov, `train.momentum`);
+`train.grad_clip` clips the global gradient norm before each step; `train.ema_decay` keeps an
+EMA of the weights, which is what is validated, selected and saved (and is checkpointed);
+`train.early_stopping_patience` stops after N epochs without a better val accuracy
+(model.json: `stopped_early_after_epoch`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks import checkpoints
+from tasks import checkpoints, recipe
 from tasks.data import (
     build_eval_transform,
     build_train_transform,
@@ -117,14 +123,14 @@ def _save_weights(path: Path, state_dict: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())  # temp + fsync + rename: never half-written
 
 
-def _resume(run_dir: Path, key: str, *, params: TrainParams, model, opt, sched, gen, device):
+def _resume(run_dir: Path, key: str, *, params: TrainParams, model, opt, sched, gen, device, ema):
     """(start epoch, best, best_state, history): from the newest valid checkpoint, or fresh."""
-    state, path = (checkpoints.load_latest(run_dir, key=key, model=model, epochs=params.epochs)
+    state, path = (checkpoints.load_latest(run_dir, key=key, model=model, epochs=params.epochs, ema=ema)
                    if params.resume else (None, None))
     start, best, best_state, history = 0, -1.0, None, []
     if state is not None:
         start, best, best_state, history = checkpoints.restore(
-            state, model=model, optimizer=opt, scheduler=sched, generator=gen, device=device)
+            state, model=model, optimizer=opt, scheduler=sched, generator=gen, device=device, ema=ema)
         print(f"resuming after epoch {start}/{params.epochs} from {path}", flush=True)
     checkpoints.discard_after(run_dir, start)  # a fresh start must not keep an older run's later epochs
     return start, best, best_state, history
@@ -140,8 +146,10 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     seed:       seeds weights of the new head, the val carve-out, data order, augmentation, dropout.
     cache_dir:  epoch checkpoints go to cache_dir/train/<run key>/ and, with `params.resume`, a
                 run continues from there; None: no checkpoints, no resume.
-    Returns a TrainResult. Raises ValueError when no train rows are left or the mode does not fit.
+    Returns a TrainResult. Raises ValueError when no train rows are left or the mode or recipe
+    does not fit.
     """
+    recipe.check_recipe(params)
     t_start = time.perf_counter()
     torch.set_num_threads(params.num_threads)
     torch.manual_seed(seed)
@@ -169,10 +177,12 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     steps_per_epoch = math.ceil(len(tr_idx) / params.batch_size)
     total = steps_per_epoch * params.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]  # full: all, in the same order as before
-    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    opt = recipe.build_optimizer(trainable, params)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(params.warmup_epochs * steps_per_epoch)))
     gen = torch.Generator().manual_seed(seed)
+    ema = recipe.build_ema(model, params.ema_decay)
+    scored = ema.module if ema is not None else model  # what is validated, selected and saved
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,9 +191,11 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         key = checkpoints.run_key(curate_dir, params, seed=seed, weights_sha256=spec.weights_sha256)
         run_dir = checkpoints.run_dir(cache_dir, key)
         start, best, best_state, history = _resume(run_dir, key, params=params, model=model, opt=opt,
-                                                   sched=sched, gen=gen, device=device)
+                                                   sched=sched, gen=gen, device=device, ema=ema)
     t_train = time.perf_counter()
     for epoch in range(start, params.epochs):
+        if recipe.should_stop(history, params.early_stopping_patience):  # also on resume: from history
+            break
         set_train_mode(model)  # frozen parts' BatchNorm stays in eval mode
         t_epoch, loss_sum = time.perf_counter(), 0.0
         order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
@@ -197,7 +209,9 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                 loss = F.cross_entropy(model(x), y, label_smoothing=params.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            recipe.optimizer_step(opt, trainable, grad_clip=params.grad_clip)
+            if ema is not None:
+                ema.update_parameters(model)
             sched.step()
             loss_sum += loss.item()
             if (step + 1) % 100 == 0:
@@ -207,7 +221,7 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
                  "seconds": round(time.perf_counter() - t_epoch, 2)}
         if len(val_idx):
-            logits = predict_logits(model, images[val_idx], eval_norm, batch_size=512, device=device,
+            logits = predict_logits(scored, images[val_idx], eval_norm, batch_size=512, device=device,
                                     channels_last=params.channels_last, bf16=bf16)
             entry["val_accuracy"] = float((logits.argmax(1) == labels[val_idx]).float().mean())
         history.append(entry)
@@ -215,16 +229,17 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                                                                if k != "epoch"), flush=True)
         score = entry.get("val_accuracy", epoch)  # without a val split: the last epoch
         if score > best:
-            best, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best, best_state = score, {k: v.detach().clone() for k, v in scored.state_dict().items()}
         if run_dir is not None:
             state = checkpoints.capture(epoch=epoch + 1, run_key=key, model=model, optimizer=opt, scheduler=sched,
                                         generator=gen, best=best, best_state=best_state, history=history,
-                                        device=device)
+                                        device=device, ema=ema)
             checkpoints.save(run_dir, state, keep=params.keep_checkpoints)
 
     train_seconds = max(time.perf_counter() - t_train, 1e-9)
     _save_weights(out_dir / "model.pt", best_state)
-    n_seen = len(tr_idx) * (params.epochs - start)  # images trained on in this process
+    epochs_run = history[-1]["epoch"] if history else 0
+    n_seen = len(tr_idx) * max(0, epochs_run - start)  # images trained on in this process
     meta = {
         "spec": asdict(spec),
         "classes": classes,
@@ -237,6 +252,9 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         "backbone_stages": {"total": finetune["stages"], "trainable": finetune["trainable_stages"]},
         "parameters": count_parameters(model),
         "resumed_after_epoch": start or None,
+        "recipe": {"optimizer": params.optimizer, "grad_clip": params.grad_clip, "ema_decay": params.ema_decay,
+                   "early_stopping_patience": params.early_stopping_patience},
+        "stopped_early_after_epoch": epochs_run if epochs_run < params.epochs else None,
         "checkpoint_dir": str(run_dir) if run_dir is not None else None,
         "history": history,
         "best_val_accuracy": best if len(val_idx) else None,
@@ -246,7 +264,7 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         "model_sha256": sha256_file(out_dir / "model.pt"),
     }
     atomic_write_json(out_dir / "model.json", meta)
-    return TrainResult(str(out_dir / "model.pt"), version, meta["best_val_accuracy"], params.epochs,
+    return TrainResult(str(out_dir / "model.pt"), version, meta["best_val_accuracy"], epochs_run,
                        meta["seconds"]["total"], meta["images_per_second"])
 
 

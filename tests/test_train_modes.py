@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tasks import curate, ingest, train
+from tasks import curate, ingest, recipe, train
 from tasks.io import sha256_file
 from tasks.models import build_model, set_finetune, set_train_mode
 from tests.conftest import ROOT, tiny_params
@@ -169,3 +169,95 @@ def test_corrupt_newest_checkpoint_falls_back(reference, curated, tmp_path, caps
     assert str(newest) in captured.err and "falling back" in captured.err
     assert "resuming after epoch 2/3" in captured.out
     _assert_same_run(tmp_path / "out", cache, expected, ref_cache)
+
+
+# --- recipe (tasks.recipe): optimizer, gradient clipping, weight EMA, early stopping ---
+
+def _meta(out_dir) -> dict:
+    return json.loads((out_dir / "model.json").read_text())
+
+
+def test_sgd_with_grad_clip_trains(curated, tmp_path):
+    torch.manual_seed(0)  # as train() does: the same new head
+    initial, _ = build_model("mobilenet_v2", 10, weights="IMAGENET1K_V1", image_size=32)
+    train.train(curated, params=_params(curated, ["train.optimizer=sgd", "train.grad_clip=1.0"]),
+                out_dir=tmp_path, seed=0)
+    trained, meta = _weights(tmp_path), _meta(tmp_path)
+    changed = [k for k, v in initial.named_parameters() if not torch.equal(v, trained[k])]
+    assert len(changed) == len(list(initial.parameters()))  # full fine-tuning: every parameter moved
+    assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
+    assert meta["recipe"]["optimizer"] == "sgd" and meta["recipe"]["grad_clip"] == 1.0
+
+
+def test_grad_clip_bounds_the_update():
+    layer = torch.nn.Linear(8, 4)
+    params = list(layer.parameters())
+    before = [p.detach().clone() for p in params]
+    (layer(torch.randn(16, 8)) * 1e3).sum().backward()
+    opt = torch.optim.SGD(params, lr=1.0)  # the update is minus the (clipped) gradient
+    norm = recipe.optimizer_step(opt, params, grad_clip=0.5)
+    assert norm > 10  # the gradient was far above the limit...
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+    assert step.norm() == pytest.approx(0.5, rel=1e-4)  # ...and the step it took is clipped to it
+    assert recipe.optimizer_step(opt, params, grad_clip=None) is None
+
+
+@pytest.fixture(scope="module")
+def ema_run(curated):
+    """3 epochs with an EMA of the weights, no val split (the last epoch is saved), checkpoints kept."""
+    params = _params(curated, ["train.epochs=3", "train.ema_decay=0.9", "train.val_fraction=0",
+                               "train.keep_checkpoints=3"])
+    out_dir, cache = curated.parents[1] / "ema", curated.parents[1] / "ema-cache"
+    train.train(curated, params=params, out_dir=out_dir, seed=0, cache_dir=cache)
+    return params, out_dir, cache
+
+
+def test_ema_weights_are_saved(ema_run):
+    _, out_dir, cache = ema_run
+    last = torch.load(max(cache.glob("train/*/epoch-*.pt")), weights_only=True)
+    assert last["epoch"] == 3 and int(last["ema"]["n_averaged"]) > 1
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    saved = _weights(out_dir)
+    _assert_same_weights(saved, averaged)  # model.pt is the AveragedModel's state
+    assert not torch.equal(saved["classifier.1.weight"], last["model"]["classifier.1.weight"])  # not the raw one
+    assert _meta(out_dir)["recipe"]["ema_decay"] == 0.9
+
+
+def test_ema_resume_gives_identical_weights(ema_run, curated, tmp_path):
+    params, out_dir, ref_cache = ema_run
+    cache = tmp_path / "cache"
+    shutil.copytree(ref_cache, cache)
+    for path in cache.glob("train/*/epoch-000[23].pt"):  # as if killed during epoch 2
+        path.unlink()
+    train.train(curated, params=params, out_dir=tmp_path / "out", seed=0, cache_dir=cache)
+    assert _meta(tmp_path / "out")["resumed_after_epoch"] == 1
+    assert sha256_file(tmp_path / "out" / "model.pt") == sha256_file(out_dir / "model.pt")
+    last, ref = (torch.load(max(c.glob("train/*/epoch-*.pt")), weights_only=True) for c in (cache, ref_cache))
+    _assert_same_weights(last["ema"], ref["ema"])
+    _assert_same_weights(last["model"], ref["model"])
+
+
+def test_early_stopping_stops_and_resume_respects_it(curated, tmp_path):
+    # A frozen backbone and a vanishing lr: the val accuracy cannot improve after epoch 1.
+    params = _params(curated, ["train.epochs=4", "train.lr=1e-9", "train.finetune=linear_probe",
+                               "train.early_stopping_patience=1"])
+    result = train.train(curated, params=params, out_dir=tmp_path / "a", seed=0, cache_dir=tmp_path / "cache")
+    meta = _meta(tmp_path / "a")
+    assert meta["stopped_early_after_epoch"] == result.epochs_run == len(meta["history"]) == 2
+    again = train.train(curated, params=params, out_dir=tmp_path / "b", seed=0, cache_dir=tmp_path / "cache")
+    resumed = _meta(tmp_path / "b")
+    assert resumed["resumed_after_epoch"] == resumed["stopped_early_after_epoch"] == again.epochs_run == 2
+    assert resumed["model_sha256"] == meta["model_sha256"]
+
+
+def test_early_stopping_needs_a_val_split(curated, tmp_path):
+    params = _params(curated, ["train.early_stopping_patience=2", "train.val_fraction=0"])
+    with pytest.raises(ValueError, match=r"train\.early_stopping_patience=2.*train\.val_fraction=0"):
+        train.train(curated, params=params, out_dir=tmp_path, seed=0)
+
+
+def test_default_recipe_records_no_early_stop(mode_runs):
+    meta = mode_runs["full"][1]
+    assert meta["stopped_early_after_epoch"] is None
+    assert meta["recipe"] == {"optimizer": "adamw", "grad_clip": None, "ema_decay": None,
+                              "early_stopping_patience": None}
