@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("ingest", "validate", "curate", "train", "evaluate", "review")
+STAGES = ("ingest", "validate", "pretrain", "curate", "train", "evaluate", "review")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from tasks.params import TrainParams
 
 FORMAT = 1
 # The code whose change could change a run's numbers: part of the run key.
-SOURCES = ("train.py", "checkpoints.py", "recipe.py", "models.py", "data.py")
+SOURCES = ("train.py", "checkpoints.py", "recipe.py", "models.py", "data.py", "augment.py", "lora.py",
+           "weights.py")
 _KEYS = {"format", "run_key", "epoch", "model", "optimizer", "scheduler", "generator", "torch_rng",
          "best", "best_state", "history"}
 

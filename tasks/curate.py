@@ -37,6 +37,7 @@ import pyarrow as pa
 from tasks import curate_fiftyone, curation
 from tasks.io import MANIFEST_SCHEMA, atomic_write_json, load_table, read_json, save_table
 from tasks.params import CurateParams, DatabaseParams, Params, ParamsError, TrainParams, load_params
+from tasks.weights import PRETRAIN
 
 HELD_OUT = "test"  # the split that is never modified and that others must not leak into
 TAG_DUPLICATE = "duplicate"
@@ -151,6 +152,14 @@ def sync_fiftyone(manifest_df: pd.DataFrame, *, images_root: Path, dataset_name:
     return curate_fiftyone.sync(manifest_df, images_root=images_root, dataset_name=dataset_name,
                                 classes=classes, saved_views=SAVED_VIEWS, managed_tags=managed,
                                 database=database or DatabaseParams(), create_only=create_only)
+
+
+def embedding_backbone(params: Params) -> TrainParams:
+    """`train:` as the embedding backbone: with `train.weights: pretrain`, the weights pretraining
+    starts from (`pretrain.weights`), so curation never waits on the pretrain stage."""
+    if params.train.weights != PRETRAIN:
+        return params.train
+    return params.train.model_copy(update={"weights": params.pretrain.weights})
 
 
 def signal_embeddings(rows: pd.DataFrame, images_root: Path, *, version: str, n_classes: int,
@@ -356,7 +365,7 @@ def register_curated(path: Path, info: dict) -> None:
 def run(params: Params) -> CurateResult:
     """Run the stage from a loaded `Params` (the door used by dvc, flows and the CLI)."""
     data = Path(params.paths.data)
-    return curate(data / "ingest", params=params.curate, out_dir=data / "curate", train=params.train,
+    return curate(data / "ingest", params=params.curate, out_dir=data / "curate", train=embedding_backbone(params),
                   curation_dir=params.paths.curation, cache_dir=params.paths.cache,
                   registry=params.paths.versions, seed=params.seed)
 

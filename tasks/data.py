@@ -117,7 +117,11 @@ def _random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None) 
 
 
 def build_train_transform(aug: AugmentParams, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels: int = 3):
-    """(augment, normalize) for training batches, from `train.augment`."""
+    """(augment, normalize) for training batches, from `train.augment`: the batched default ops.
+
+    Policies, resized crop and MixUp/CutMix are in tasks.augment.build_train_augment, which
+    equals this augment bit for bit when those are off.
+    """
     return TrainAugment(flip_p=aug.flip_p, pad_crop=aug.pad_crop, erasing_p=aug.erasing_p), \
         Normalize(mean, std, channels)
 

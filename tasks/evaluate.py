@@ -157,10 +157,29 @@ def evaluate(model_dir: Path, curate_dir: Path, *, params: EvaluateParams, repor
                           str(report_dir / "index.html"))
 
 
-def run(params: Params) -> EvaluateResult:
-    return evaluate(params.paths.data / "train", params.paths.data / "curate", params=params.evaluate,
-                    report_dir=params.paths.reports / "evaluate", metrics_path=params.paths.reports / "metrics.json",
-                    num_threads=params.train.num_threads)
+def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, metrics_path: Path,
+                      num_threads: int = 2) -> dict:
+    """A detection version: COCO-style mAP of the Faster R-CNN on the test tiles
+    (tasks.detection.evaluate_detection), headline numbers into `metrics_path`."""
+    from tasks.detection import evaluate_detection
+
+    torch.set_num_threads(num_threads)
+    metrics = evaluate_detection(model_dir, curate_dir, "test")
+    atomic_write_json(Path(report_dir) / "metrics.json", metrics)
+    headline = {k: metrics[k] for k in ("map", "map_50", "n_images") if k in metrics}
+    atomic_write_json(metrics_path, headline)
+    return metrics
+
+
+def run(params: Params):
+    from tasks.train import dataset_task
+
+    data = params.paths.data
+    kwargs = {"report_dir": params.paths.reports / "evaluate", "metrics_path": params.paths.reports / "metrics.json",
+              "num_threads": params.train.num_threads}
+    if dataset_task(data / "curate") == "detection":
+        return evaluate_detector(data / "train", data / "curate", **kwargs)
+    return evaluate(data / "train", data / "curate", params=params.evaluate, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     r = run(load_params(overrides=argv or []))
-    print(f"test accuracy {r.accuracy:.4f}, macro F1 {r.macro_f1:.4f} on {r.n_test} images "
-          f"of {r.dataset_version} → {r.report_path}")
+    if isinstance(r, dict):  # detection
+        print(f"test mAP {r['map']:.4f}, mAP@.50 {r['map_50']:.4f} on {r['n_images']} images of {r['dataset_version']}")
+    else:
+        print(f"test accuracy {r.accuracy:.4f}, macro F1 {r.macro_f1:.4f} on {r.n_test} images "
+              f"of {r.dataset_version} → {r.report_path}")
     return 0
 
 

@@ -2,9 +2,16 @@
 
 `build_model(arch, n_classes, weights=..., image_size=...)` returns the model with its head
 replaced for the dataset's classes, plus what it needs to be rebuilt and normalized.
-`resnet18_small` is ResNet-18 adapted to small images (3×3 stride-1 stem, no max-pool),
-the usual CIFAR-style change. For MobileNetV2 at ≤ 64 px the stem's stride is set to 1 so the
-last feature map keeps a spatial extent (32 px in → 2×2 instead of 1×1).
+Architectures (ARCHS): ResNet-18/34/50, MobileNetV2, MobileNetV3 small/large, EfficientNet
+B0/B1 from torchvision's builders. `resnet18_small` is ResNet-18 adapted to small images
+(3×3 stride-1 stem, no max-pool), the usual CIFAR-style change. For MobileNets and
+EfficientNets at ≤ 64 px the stem's stride is set to 1 so the last feature map keeps a
+spatial extent (32 px in → 2×2 instead of 1×1).
+
+Weights (`weights=`): a torchvision name (the file is looked up in torch's hub cache and its
+sha256 checked, tasks.weights), a .pth file, or a PixelOps model.pt from an earlier run
+(pretraining, tasks.pretrain): its head is dropped, and its model.json becomes the lineage
+(`spec.extra["pretrained_from"]`).
 
 `set_finetune(model, arch, mode, trainable_stages)` chooses what trains (see FINETUNE_MODES);
 `set_train_mode(model)` is `model.train()` with the frozen parts' BatchNorm kept in eval mode.
@@ -13,16 +20,22 @@ last feature map keeps a spatial extent (32 px in → 2×2 instead of 1×1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 
+from tasks.augment import normalization_for
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD
 from tasks.weights import load_state_dict, resolve_weights
 
-ARCHS = ("mobilenet_v2", "resnet18", "resnet18_small")
-FINETUNE_MODES = ("full", "linear_probe", "partial")
+ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34", "resnet50",
+         "resnet18_small", "efficientnet_b0", "efficientnet_b1")
+FINETUNE_MODES = ("full", "linear_probe", "partial", "lora")
+# The classification layer the new head replaces, per family.
+HEADS = {"resnet": "fc", "mobilenet_v2": "classifier.1", "mobilenet_v3": "classifier.3",
+         "efficientnet": "classifier.1"}
 SMALL_IMAGE = 64  # at or below this size the stem keeps full resolution
 
 
@@ -56,31 +69,69 @@ def _adapt_small(model: nn.Module, arch: str, image_size: int) -> None:
         old = model.conv1
         model.conv1 = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    elif arch == "mobilenet_v2" and image_size <= SMALL_IMAGE:
-        model.features[0][0].stride = (1, 1)
+    elif not arch.startswith("resnet") and image_size <= SMALL_IMAGE:
+        model.features[0][0].stride = (1, 1)  # MobileNets, EfficientNets: the stem conv
 
 
 def _replace_head(model: nn.Module, arch: str, n_classes: int) -> None:
-    if arch.startswith("resnet"):
-        model.fc = nn.Linear(model.fc.in_features, n_classes)
-    else:
-        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, n_classes)
+    old = model.get_submodule(head_name(arch))
+    parent, _, leaf = head_name(arch).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Linear(old.in_features, n_classes))
 
 
-def build_model(arch: str, n_classes: int, *, weights: str | None, image_size: int) -> tuple[nn.Module, ModelSpec]:
-    """Build `arch` for `n_classes`, loading `weights` (torchvision name or file path) if given."""
+def _is_head_key(arch: str, key: str) -> bool:
+    return key.startswith(head_name(arch) + ".")
+
+
+def _pretrained_state(arch: str, weights: str, allow_download: bool) -> tuple[dict, str, dict]:
+    """(state_dict without a foreign head, sha256, extra spec facts) for `weights`."""
+    path, digest, _meta = resolve_weights(_torchvision_arch(arch), weights, allow_download=allow_download)
+    state = load_state_dict(path)
+    extra = {"weights_file": str(path)}
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        # A PixelOps model.pt (pretraining): its head belongs to the source's classes.
+        state = {k: v for k, v in state["state_dict"].items() if not _is_head_key(arch, k)}
+        extra["pretrained_from"] = pretrained_lineage(path)
+    if arch == "resnet18_small":
+        state.pop("conv1.weight", None)  # the 3×3 stem has no pretrained counterpart
+    return state, digest, extra
+
+
+def pretrained_lineage(weights_file: Path) -> dict | None:
+    """What a PixelOps weights file was trained on: from the model.json beside it."""
+    from tasks.io import read_json
+
+    meta_path = Path(weights_file).with_name("model.json")
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path)
+    return {"model_sha256": meta.get("model_sha256"), "dataset_version": meta.get("dataset_version"),
+            "classes": meta.get("classes"), "arch": meta.get("spec", {}).get("arch"),
+            "image_size": meta.get("spec", {}).get("image_size"),
+            "pretrained_from": meta.get("spec", {}).get("extra", {}).get("pretrained_from")}
+
+
+def build_model(arch: str, n_classes: int, *, weights: str | None, image_size: int,
+                allow_download: bool = False) -> tuple[nn.Module, ModelSpec]:
+    """Build `arch` for `n_classes`, loading `weights` (torchvision name or file path) if given.
+
+    The head is always new (seeded by torch's global RNG). Raises WeightsError when the file is
+    missing (downloaded only with `allow_download`) or its hash is wrong, ValueError when its
+    tensors do not fit `arch`.
+    """
     model = _skeleton(arch, image_size)
-    spec = ModelSpec(arch=arch, n_classes=n_classes, image_size=image_size, weights=weights)
+    mean, std = normalization_for(_torchvision_arch(arch), weights)  # the weights' own preset
+    spec = ModelSpec(arch=arch, n_classes=n_classes, image_size=image_size, weights=weights, mean=mean, std=std)
     if weights:
-        path, digest, _meta = resolve_weights(_torchvision_arch(arch), weights)
-        state = load_state_dict(path)
-        if arch == "resnet18_small":
-            state.pop("conv1.weight", None)  # the 3×3 stem has no pretrained counterpart
+        state, digest, extra = _pretrained_state(arch, weights, allow_download)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("conv1")]:
-            raise ValueError(f"{path}: does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        allowed_missing = [k for k in missing if not (k.startswith("conv1") and arch == "resnet18_small")
+                           and not (_is_head_key(arch, k) and "pretrained_from" in extra)]
+        if unexpected or allowed_missing:
+            raise ValueError(f"{weights}: does not fit {arch}: missing {allowed_missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         spec.weights_sha256 = digest
-        spec.extra["weights_file"] = str(path)
+        spec.extra.update(extra)
     _adapt_small(model, arch, image_size)
     _replace_head(model, arch, n_classes)
     return model, spec
@@ -96,20 +147,25 @@ def rebuild_model(spec: ModelSpec, state_dict: dict) -> nn.Module:
 
 
 def head_name(arch: str) -> str:
-    """The replaced classification layer: `fc` (ResNet) or `classifier.1` (MobileNetV2)."""
-    return "fc" if arch.startswith("resnet") else "classifier.1"
+    """The replaced classification layer: `fc` (ResNet), `classifier.1` (MobileNetV2,
+    EfficientNet) or `classifier.3` (MobileNetV3)."""
+    family = next((f for f in HEADS if arch.startswith(f)), None)
+    if family is None:
+        raise ValueError(f"unknown model {arch!r}; allowed: {', '.join(ARCHS)}")
+    return HEADS[family]
 
 
 def backbone_stages(model: nn.Module, arch: str) -> list[list[nn.Module]]:
     """The backbone as stages, input to output; `partial` fine-tuning unfreezes the last ones.
 
-    resnet18, resnet18_small: 5 stages, [conv1 + bn1 (the stem), layer1, layer2, layer3, layer4].
+    resnets: 5 stages, [conv1 + bn1 (the stem), layer1, layer2, layer3, layer4].
     mobilenet_v2: 19 stages, features[0] .. features[18] (the stem conv, the 17 inverted
     residual blocks, the final 1×1 conv to 1280 channels), one stage per index.
+    mobilenet_v3_*, efficientnet_*: one stage per index of `features` (stem, blocks, last conv).
     """
     if arch.startswith("resnet"):
         return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
-    if arch == "mobilenet_v2":
+    if arch in ARCHS:
         return [[block] for block in model.features]
     raise ValueError(f"unknown model {arch!r}; allowed: {', '.join(ARCHS)}")
 
@@ -119,6 +175,7 @@ def set_finetune(model: nn.Module, arch: str, mode: str, trainable_stages: int) 
 
     full:         every parameter trains (nothing is touched).
     linear_probe: only the new head (`head_name(arch)`) trains.
+    lora:         as linear_probe here; tasks.lora then adds the trainable low-rank adapters.
     partial:      the head and the last `trainable_stages` of `backbone_stages(model, arch)`.
 
     BatchNorm policy: a BatchNorm layer in a frozen part keeps its pretrained affine
@@ -138,7 +195,7 @@ def set_finetune(model: nn.Module, arch: str, mode: str, trainable_stages: int) 
     if mode == "partial" and not 1 <= trainable_stages <= len(stages):
         raise ValueError(f"train.trainable_stages={trainable_stages}: {arch} has {len(stages)} backbone "
                          f"stages; allowed 1..{len(stages)}")
-    n_train = trainable_stages if mode == "partial" else 0
+    n_train = trainable_stages if mode == "partial" else 0  # lora: adapters come on top (tasks.lora)
     model.requires_grad_(False)
     for stage in stages[len(stages) - n_train:]:
         for module in stage:

@@ -140,14 +140,61 @@ class CurateParams(_Strict):
 
 
 class AugmentParams(_Strict):
+    """Train-time augmentation (tasks.augment). The fast batched ops run on whole uint8 batches;
+    `policy` adds a per-sample torchvision v2 policy; `mixup_alpha`/`cutmix_alpha` mix batches."""
+
     flip_p: float = Field(default=0.5, ge=0, le=1)
-    pad_crop: int = Field(default=2, ge=0)
+    pad_crop: int = Field(default=2, ge=0)       # random translation by up to N px (pad then crop)
+    resized_crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range, e.g. [0.6, 1]
     erasing_p: float = Field(default=0.0, ge=0, le=1)
+    policy: Literal["none", "trivialaugment", "randaugment"] = "none"
+    randaugment_ops: int = Field(default=2, ge=1)
+    randaugment_magnitude: int = Field(default=9, ge=0, le=30)
+    mixup_alpha: float = Field(default=0.0, ge=0)   # 0: off
+    cutmix_alpha: float = Field(default=0.0, ge=0)  # 0: off; with both on, one of the two per batch
+
+    def model_post_init(self, context) -> None:
+        if self.resized_crop_scale is not None:
+            lo, hi = self.resized_crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"resized_crop_scale [{lo}, {hi}] must satisfy 0 < min <= max <= 1")
+
+
+class LoraParams(_Strict):
+    """LoRA adapters via peft (train.finetune=lora) on the backbone's conv and linear layers."""
+
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class DetectionParams(_Strict):
+    """Faster R-CNN training on a detection dataset version (tasks.detection)."""
+
+    arch: Literal["fasterrcnn_mobilenet_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+                  "fasterrcnn_resnet50_fpn_v2"] = "fasterrcnn_mobilenet_v2"
+    weights: str | None = "IMAGENET1K_V1"  # backbone weights: a torchvision name or a file path
+    tile_size: int = Field(default=400, ge=64)       # images larger than this are cut into tiles
+    tile_overlap: float = Field(default=0.2, ge=0, lt=1)
+    min_visible: float = Field(default=0.5, gt=0, le=1)  # a cut box is kept when this share lies in the tile
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=2, ge=1)
+    lr: float = Field(default=0.04, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    trainable_backbone_layers: int = Field(default=3, ge=0)
+    score_threshold: float = Field(default=0.05, ge=0, le=1)
+
+
+CLASSIFIERS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34",
+               "resnet50", "resnet18_small", "efficientnet_b0", "efficientnet_b1")
 
 
 class TrainParams(_Strict):
-    model: Literal["mobilenet_v2", "resnet18", "resnet18_small"] = "mobilenet_v2"
-    weights: str | None = "IMAGENET1K_V1"
+    model: Literal["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34",
+                   "resnet50", "resnet18_small", "efficientnet_b0", "efficientnet_b1"] = "mobilenet_v2"
+    weights: str | None = "IMAGENET1K_V1"  # torchvision name, .pth file, or "pretrain" (tasks.pretrain)
+    allow_download: bool = False  # fetch a missing torchvision weights file from its URL
     image_size: int = Field(default=32, ge=16)
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -161,8 +208,9 @@ class TrainParams(_Strict):
     bf16: Literal["auto", True, False] = "auto"
     channels_last: bool = True
     augment: AugmentParams = AugmentParams()
-    finetune: Literal["full", "linear_probe", "partial"] = "full"
+    finetune: Literal["full", "linear_probe", "partial", "lora"] = "full"
     trainable_stages: int = Field(default=2, ge=1)  # partial: the last N backbone stages train
+    lora: LoraParams = LoraParams()
     keep_checkpoints: int = Field(default=2, ge=1)  # newest K epoch checkpoints kept for resume
     resume: bool = True  # continue from the newest valid checkpoint of this exact configuration
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -170,6 +218,22 @@ class TrainParams(_Strict):
     grad_clip: float | None = Field(default=None, gt=0)  # max global gradient norm; null: off
     ema_decay: float | None = Field(default=None, gt=0, lt=1)  # EMA of weights, evaluated and saved; null: off
     early_stopping_patience: int | None = Field(default=None, ge=1)  # epochs without val gain; null: off
+    compile: bool = False  # torch.compile the model (pays a compile time; mostly for CUDA)
+    detection: DetectionParams = DetectionParams()
+
+
+class PretrainParams(_Strict):
+    """Stage pretrain (tasks.pretrain): train.model on a source dataset, fine-tuned from later
+    with `train.weights: pretrain`. Architecture, input size and device come from `train:`; the
+    recipe is TrainParams' defaults with these epochs, lr and batch size."""
+
+    enabled: bool = False
+    source: SourceParams | None = None
+    limit_per_split: int | None = Field(default=None, ge=1)
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    batch_size: int = Field(default=128, ge=1)
+    weights: str | None = "IMAGENET1K_V1"  # what pretraining starts from (torchvision name, file, null)
 
 
 class EvaluateParams(_Strict):
@@ -182,6 +246,7 @@ class Params(_Strict):
     ingest: IngestParams
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     curate: CurateParams = CurateParams()
+    pretrain: PretrainParams = PretrainParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 

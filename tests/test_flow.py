@@ -38,7 +38,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     tmp = _project(tmp_path)
     monkeypatch.chdir(tmp)
     first = pipeline()
-    assert _ran(first) == ["ingest", "validate", "curate", "train", "evaluate", "review"]
+    assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "train", "evaluate", "review"]
     assert (tmp / "reports" / "metrics.json").is_file()
     with Repo(str(tmp)) as repo:
         assert repo.status() == {}  # the flow's work is recorded in dvc.lock

@@ -261,3 +261,46 @@ def test_default_recipe_records_no_early_stop(mode_runs):
     assert meta["stopped_early_after_epoch"] is None
     assert meta["recipe"] == {"optimizer": "adamw", "grad_clip": None, "ema_decay": None,
                               "early_stopping_patience": None}
+
+
+def test_lora_trains_adapters_and_head_and_saves_plain_weights(curated):
+    """finetune=lora through train(): the saved model.pt has the plain torchvision keys, with the
+    adapters merged into exactly the adapted layers' weights; everything else is untouched."""
+    from tasks.lora import lora_targets
+
+    out_dir = curated.parents[1] / "train-lora"
+    train.train(curated, params=_params(curated, ["train.finetune=lora"]), out_dir=out_dir, seed=0)
+    torch.manual_seed(0)
+    model, _ = build_model("mobilenet_v2", 10, weights="IMAGENET1K_V1", image_size=32)
+    initial, trained = model.state_dict(), _weights(out_dir)
+    assert trained.keys() == initial.keys()
+    adapted, skipped = lora_targets(model, "classifier.1")
+    expected = {f"{name}.weight" for name in adapted} | {"classifier.1.weight", "classifier.1.bias"}
+    changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
+    assert changed == expected and len(skipped) == 17  # the depthwise convs: peft cannot merge them
+    meta = json.loads((out_dir / "model.json").read_text())
+    assert meta["finetune"] == "lora" and meta["lora"]["rank"] == 8
+    assert meta["parameters"]["trainable"] == 161_506  # 148,696 adapter + 12,810 head parameters
+    reloaded, _, _ = train.load_trained(out_dir)  # no peft needed to use the model
+    assert isinstance(reloaded, torch.nn.Module)
+
+
+def test_policy_and_mixing_presets_train(curated):
+    """TrivialAugment, resized crop, erasing and MixUp/CutMix (soft targets) through train()."""
+    out_dir = curated.parents[1] / "train-presets"
+    extra = ["train.augment.policy=trivialaugment", "train.augment.resized_crop_scale=[0.6, 1.0]",
+             "train.augment.erasing_p=0.25", "train.augment.mixup_alpha=0.2", "train.augment.cutmix_alpha=1.0"]
+    train.train(curated, params=_params(curated, extra + ["train.epochs=2"]), out_dir=out_dir, seed=0)
+    meta = json.loads((out_dir / "model.json").read_text())
+    assert meta["augment"]["policy"] == "trivialaugment" and meta["augment"]["cutmix_alpha"] == 1.0
+    assert all(h["train_loss"] == h["train_loss"] for h in meta["history"])  # finite, not NaN
+    assert meta["history"][-1]["val_accuracy"] > 0.2  # 10 classes: above chance even so briefly
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: minutes on 2 cores
+def test_compiled_model_trains_and_saves_plain_keys(curated):
+    out_dir = curated.parents[1] / "train-compiled"
+    train.train(curated, params=_params(curated, ["train.compile=true"]), out_dir=out_dir, seed=0)
+    weights = _weights(out_dir)
+    assert not any(k.startswith("_orig_mod.") for k in weights)  # the module itself is saved
+    assert json.loads((out_dir / "model.json").read_text())["history"][0]["val_accuracy"] > 0.1
