@@ -4,9 +4,9 @@ The seed recipe is the plain PyTorch script of the mission's base issue, as a na
 it: torchvision MobileNetV2 with the ImageNet weights (the platform's weights file, torch's hub
 cache), a new 10-class head, stock stem; SGD lr 0.001 momentum 0.9, batch 32; cross-entropy;
 per-sample PIL transforms (Resize, RandomCrop with 2-px padding, RandomHorizontalFlip, ToTensor,
-Normalize) in a torch DataLoader (shuffle, num_workers 0: a worker process was 2× slower on
-2 cores) over the curated version's PNG files, each opened with PIL per sample and converted to
-RGB. The base issue does not say which resolution it used, so the seed recipe runs at the
+Normalize) in a torch DataLoader (shuffle, num_workers 0: one worker process was 2× slower
+on these 2 cores) over the curated version's PNG files, each opened with PIL per sample and
+converted to RGB. The base issue does not say which resolution it used, so the seed recipe runs at the
 platform's `train.image_size` (32 px); `seed_image_size=` changes it.
 
 Data: `size` train images (default 8,000) and a fixed test subset (`n_test`, default 2,000),
@@ -93,10 +93,11 @@ def _seed_recipe(subset: Path, *, image_size: int, target: float, cap_seconds: f
     test_x = torch.stack([eval_tf(Image.open(p).convert("RGB")) for p in test_paths])  # once, not timed
     test_y = torch.tensor(test_labels)
     paths, labels = _split(subset, "train")
+    n_classes = len(load_training_rows(subset)[1])
 
     clock, cpu, t0, c0 = 0.0, 0.0, time.perf_counter(), time.process_time()
     model = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1)
-    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, len(load_training_rows(subset)[1]))
+    model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, n_classes)
     loader = torch.utils.data.DataLoader(_PilImages(paths, labels, train_tf), batch_size=32, shuffle=True,
                                          num_workers=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -156,8 +157,7 @@ def _platform(subset: Path, p: TrainParams, tmp: Path, *, target: float, max_epo
     last = ladder[-1]
     return {"reached": last["test_accuracy"] >= target, "seconds": last["seconds"],
             "cpu_seconds": last["cpu_seconds"], "epochs": last["epochs"], "images": last["images"],
-            "test_accuracy": last["test_accuracy"],
-            "ladder": ladder}
+            "test_accuracy": last["test_accuracy"], "ladder": ladder}
 
 
 def run(size: int | None = None, *, source: Path | None = None, target: float = 0.85, n_test: int = 2000,

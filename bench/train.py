@@ -16,7 +16,7 @@ of params.yaml (MobileNetV2, ImageNet weights, 32 px, batch 128, AdamW, channels
 2. finetune: train.finetune=linear_probe and full, `train.epochs` epochs each on the same
    subset: test accuracy on the test subset, training-loop seconds (model.json
    `seconds.train`), trainable parameters (model.json `parameters`).
-3. detection: bench/detection.py's figures, nested, when that module exists.
+3. detection: bench/detection.py's figures, nested, when that module exists (run first).
 """
 
 from __future__ import annotations
@@ -222,6 +222,8 @@ def run(size: int | None = None, out: Path | None = None, *, source: Path | None
     source = Path(source) if source is not None else default_source()
     p = load_params(overrides=overrides).train
     p = p.model_copy(update={"epochs": epochs or p.epochs})
+    # Detection first (about half a minute): a failure there ends the run before the long part.
+    nested = _detection(out) if detection else None
     load = {"start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="pixelops-bench-train-") as tmp:
         tmp = Path(tmp)
@@ -254,7 +256,6 @@ def run(size: int | None = None, out: Path | None = None, *, source: Path | None
             "full - linear_probe (test accuracy)": finetune["accuracy_gap_full_minus_probe"],
         },
     }
-    nested = _detection(out) if detection else None
     figures["detection"] = nested if nested is not None else (
         "skipped" if not detection else "bench/detection.py not present")
     if nested is not None:

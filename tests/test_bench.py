@@ -105,3 +105,20 @@ def test_seed_recipe_reports_speedup_or_its_lower_bound(curated_tiny, target):
     assert figures["platform"]["reached"] is (target == 0.0)
     assert (figures["speedup"] is not None) is (target == 0.0)
     assert figures["ratios"] and all(math.isfinite(v) and v >= 0 for v in figures["ratios"].values())
+
+
+def test_train_bench_nests_detection_figures(monkeypatch, tmp_path):
+    """bench/detection.py's run(size, out) gets its own folder under `out`; its ratios join the table."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from bench import train
+
+    calls = []
+    fake = types.ModuleType("bench.detection")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bench.detection", None)
+    fake.run = lambda size=None, out=None: calls.append(out) or {"ratios": {"map trained / untrained": 2.0}}
+    monkeypatch.setitem(sys.modules, "bench.detection", fake)
+    assert train._detection(tmp_path)["ratios"] == {"map trained / untrained": 2.0}
+    assert calls == [tmp_path / "detection"]
