@@ -44,7 +44,7 @@ from tasks.data import IMAGENET_MEAN, IMAGENET_STD, label_indices
 from tasks.io import read_json
 from tasks.params import TrainParams, load_params
 from tasks.train import load_training_rows, train
-from tasks.weights import resolve_weights
+from tasks.weights import load_state_dict, resolve_weights
 
 DEFAULT_SIZE = 8000
 
@@ -96,7 +96,8 @@ def _seed_recipe(subset: Path, *, image_size: int, target: float, cap_seconds: f
     n_classes = len(load_training_rows(subset)[1])
 
     clock, cpu, t0, c0 = 0.0, 0.0, time.perf_counter(), time.process_time()
-    model = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1)
+    model = models.mobilenet_v2(weights=None)  # the same ImageNet file, via the offline, hash-checked loader
+    model.load_state_dict(load_state_dict(resolve_weights("mobilenet_v2", "IMAGENET1K_V1")[0]))
     model.classifier[1] = torch.nn.Linear(model.classifier[1].in_features, n_classes)
     loader = torch.utils.data.DataLoader(_PilImages(paths, labels, train_tf), batch_size=32, shuffle=True,
                                          num_workers=0)

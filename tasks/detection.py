@@ -53,6 +53,7 @@ from tasks import detection_data as dd
 from tasks.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from tasks.models import bf16_supported, count_parameters, set_train_mode
 from tasks.params import TrainParams
+from tasks.train import resolve_device, warmup_cosine
 from tasks.weights import WeightsError, load_state_dict, resolve_weights
 
 # arch -> the torchvision classifier whose ImageNet weights the backbone takes
@@ -208,23 +209,6 @@ def rebuild_detector(spec: DetectorSpec, state_dict: dict) -> nn.Module:
 # --------------------------------------------------------------------------- training
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available; use auto or cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:  # from 1/warmup of the rate: the new heads' first gradients are large
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 def _open_run(cache_dir: Path | None, curate_dir: Path, *, params: TrainParams, seed: int, weights_sha256,
               model, opt, sched, gen, device) -> tuple[Path | None, str | None, tuple]:
     """(checkpoint folder, run key, (start epoch, best, best_state, history)) for this run.
@@ -293,7 +277,7 @@ def _schedule(params: TrainParams, model: nn.Module, n_tiles: int):
     total = steps_per_epoch * p.epochs
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=p.lr, momentum=p.momentum,
                           weight_decay=p.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, min(steps_per_epoch, total // 5))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, min(steps_per_epoch, total // 5))))
 
 
 def _fit(model, train_data, evals: dict, classes: list[str], *, params: TrainParams, opt, sched, gen, device,
@@ -335,7 +319,7 @@ def train_detection(curate_dir: Path, *, params: TrainParams, out_dir: Path, see
     p, t_start = params.detection, time.perf_counter()
     torch.set_num_threads(params.num_threads)
     torch.manual_seed(seed)
-    device = _device(params.device)
+    device = resolve_device(params.device)
     bf16 = bf16_supported(device) if params.bf16 == "auto" else bool(params.bf16)
     rows, classes, info = dd.load_version(Path(curate_dir))
     root = Path(info["images_root"])
@@ -415,7 +399,7 @@ def evaluate_detection(model_dir: Path, curate_dir: Path, split: str = "test", *
     if data is None:
         raise ValueError(f"{curate_dir}/manifest.parquet: no kept rows in split {split!r}; "
                          f"splits here: {sorted(rows['split'].unique())}")
-    dev = _device(device)
+    dev = resolve_device(device)
     scores = dd.score_tiles(model.to(dev), data, classes, device=dev, batch_size=batch_size)
     return {"split": split, "n_images": int((rows["split"] == split).sum()), "dataset_version": info["version"],
             **scores, "seconds": round(time.perf_counter() - t0, 2)}

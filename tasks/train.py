@@ -91,7 +91,9 @@ def load_training_rows(curate_dir: Path) -> tuple[pd.DataFrame, list[str], str, 
     return kept.reset_index(drop=True), classes, info["version"], Path(info["images_root"])
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up over `warmup_steps`, then cosine decay to zero."""
+
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -192,7 +194,7 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     trainable = [p for p in model.parameters() if p.requires_grad]  # full: all, in the same order as before
     opt = recipe.build_optimizer(trainable, params)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, int(params.warmup_epochs * steps_per_epoch)))
+        opt, warmup_cosine(total, int(params.warmup_epochs * steps_per_epoch)))
     gen = torch.Generator().manual_seed(seed)
     ema = recipe.build_ema(model, params.ema_decay)
     scored = ema.module if ema is not None else model  # what is validated, selected and saved
