@@ -9,6 +9,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 WEIGHTS := .torch/hub/checkpoints/mobilenet_v2-b0353104.pth
+# Any Debian PostgreSQL server (its initdb); Debian 12's `postgresql` installs version 15.
+POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) /usr/lib/postgresql/15/bin/initdb)
 
 # dvc.yaml runs `python -m tasks.<stage>`: the project's venv must come first. Telemetry off.
 export PATH := $(BIN):$(PATH)
@@ -20,7 +22,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_HOME := $(CURDIR)/.torch
 
 .PHONY: setup run flow test test-slow bench clean-state
-setup: $(STAMP) $(DATA) $(WEIGHTS) .git
+setup: $(STAMP) $(DATA) $(WEIGHTS) $(POSTGRES) .git
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,13 @@ $(STAMP): pyproject.toml requirements.lock
 $(DATA):
 	apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist) || \
 	  { echo "install the Debian package dataset-fashion-mnist (as root), or point ingest.source.path at your data"; exit 1; }
+
+# Tests run Optuna studies on a real PostgreSQL server: Debian's binaries, started and stopped by the
+# tests themselves (tests/postgres.py), so the cluster service the package may start is not needed.
+$(POSTGRES):
+	export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y postgresql || (apt-get update && apt-get install -y postgresql) || \
+	  { echo "install the Debian package postgresql (as root): the tests start their own PostgreSQL server"; exit 1; }
 
 $(WEIGHTS): $(STAMP)
 	$(BIN)/python -m tasks.weights install

@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: ingest → validate → curate → train → evaluate → review.
+"""The pipeline as a Prefect flow: ingest → validate → pretrain → curate → tune → train → evaluate → review.
 
 Each stage is one Prefect task that calls pixelops.stages.run_stage: DVC's lock file decides
 whether the stage is up to date (so this flow and `dvc repro` agree), the stage function
@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.tune import tune_wiring
 from pixelops.stages import STAGES, prepare_curation, run_stage
 from tasks.params import load_params
 from tasks.validate import ValidationFailed
@@ -35,7 +36,9 @@ def _stage_task(name: str):
 
     @task(name=name, retries=retries, retry_delay_seconds=[2, 5, 15][:retries] or 0, cache_policy=NO_CACHE)
     def stage_task(root: str) -> dict:
-        outcome = run_stage(name, load_params(f"{root}/params.yaml"), root=root)
+        params = load_params(f"{root}/params.yaml")
+        extra = tune_wiring(params) if name == "tune" else {}  # each trial a task run, workers flow runs
+        outcome = run_stage(name, params, root=root, **extra)
         get_run_logger().info("%s %s in %.1fs", name, "up to date, skipped" if outcome.skipped else "ran",
                               outcome.seconds)
         return {"stage": name, "skipped": outcome.skipped, "seconds": round(outcome.seconds, 2)}

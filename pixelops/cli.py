@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--no-push", action="store_true", help="do not push the version to the DVC remote")
     ing.set_defaults(func=cmd_ingest)
 
-    for name in ("validate", "pretrain", "curate", "train", "evaluate", "review"):
+    for name in ("validate", "pretrain", "curate", "tune", "train", "evaluate", "review"):
         with_set(sub.add_parser(name, help=f"run the {name} stage")).set_defaults(func=cmd_stage)
 
     sub.add_parser("versions", help="list dataset versions (id, date, counts, source, parent)") \

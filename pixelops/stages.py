@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("ingest", "validate", "pretrain", "curate", "train", "evaluate", "review")
+STAGES = ("ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review")
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,17 @@ def commit_stage(stage: str, root: Path | str = ".") -> None:
         repo.commit(stage, force=True)
 
 
-def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True) -> StageOutcome:
+def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True, **run_kwargs) -> StageOutcome:
     """Skip `stage` if DVC says it is up to date, else run `tasks.<stage>.run(params)` and commit.
 
     `record=False` runs the function without consulting or updating dvc.lock (ad-hoc runs with
-    overridden params must not be recorded as if params.yaml had produced them).
+    overridden params must not be recorded as if params.yaml had produced them). `run_kwargs`
+    go to the stage's run() (the Prefect flow's per-trial task wrapper for tune).
     """
     t0 = time.perf_counter()
     if record and is_up_to_date(stage, root):
         return StageOutcome(stage, True, time.perf_counter() - t0)
-    result = stage_module(stage).run(params)
+    result = stage_module(stage).run(params, **run_kwargs)
     if record:
         commit_stage(stage, root)
         if stage == "ingest":

@@ -236,6 +236,86 @@ class PretrainParams(_Strict):
     weights: str | None = "IMAGENET1K_V1"  # what pretraining starts from (torchvision name, file, null)
 
 
+class SearchDim(_Strict):
+    """One tunable's distribution in `tune.space` (key: a dotted path into `train:`)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False      # float/int: sample on a log scale (learning rates, weight decay)
+    step: float | None = None
+    choices: list[str | int | float | bool | None] | None = None
+    when: dict[str, str | int | float | bool | None] | None = None  # only sampled when earlier keys have these values
+
+    def model_post_init(self, context) -> None:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty `choices` list")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"{self.type} needs low <= high (got low={self.low}, high={self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+
+
+class TuneParams(_Strict):
+    """Stage tune (tasks.tune): an Optuna sweep over `space`, each trial the train stage's own
+    train() with the trial's values; the best trial's values feed the final train stage."""
+
+    enabled: bool = False
+    trials: int = Field(default=20, ge=1)               # trials to finish (complete, pruned or failed)
+    timeout_s: float | None = Field(default=None, gt=0)  # per run of the stage: no new trial after this
+    epochs: int | None = Field(default=None, ge=1)      # per trial; null: train.epochs
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: int = Field(default=5, ge=0)        # random trials before TPE, and before pruning starts
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    warmup_epochs: int = Field(default=1, ge=0)         # median: epochs a trial runs before it can be pruned
+    workers: int = Field(default=1, ge=1)               # local worker processes, threads split between them
+    storage: str | None = None   # null: Optuna journal file under paths.cache/tune; or postgresql+psycopg://...
+    heartbeat_s: float = Field(default=20.0, gt=0)      # a running trial's liveness stamp
+    stale_after_s: float = Field(default=180.0, gt=0)   # no stamp for this long: its worker is gone
+    space: dict[str, SearchDim] = {}
+
+    def model_post_init(self, context) -> None:
+        if self.stale_after_s <= 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed 2 × heartbeat_s ({self.heartbeat_s})")
+        keys = list(self.space)
+        for key, dim in self.space.items():
+            _train_field(key)
+            for cond in dim.when or {}:
+                if cond not in keys[: keys.index(key)]:
+                    raise ValueError(f"space.{key}.when: {cond!r} must be a key of space listed before {key!r}")
+
+
+def _train_field(dotted: str):
+    """The pydantic field a dotted `train:` key names; ValueError listing the known keys if none."""
+    model, field = TrainParams, None
+    for i, part in enumerate(dotted.split(".")):
+        if model is None or part not in model.model_fields:
+            known = sorted(model.model_fields) if model is not None else []
+            raise ValueError(f"space key {dotted!r}: {'.'.join(dotted.split('.')[:i + 1])} is not a train: "
+                             f"param; known here: {known}")
+        field = model.model_fields[part]
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is not None:
+        raise ValueError(f"space key {dotted!r} is a section; name one of its params: {sorted(model.model_fields)}")
+    return field
+
+
+def with_values(params: TrainParams, values: dict, **fixed) -> TrainParams:
+    """`params` with dotted `train:` keys set (a trial's values), re-validated; `fixed` top-level keys last."""
+    data = params.model_dump(mode="json")
+    for dotted, value in values.items():
+        _train_field(dotted)
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    data.update(fixed)
+    return TrainParams.model_validate(data)
+
+
 class EvaluateParams(_Strict):
     batch_size: int = Field(default=512, ge=1)
 
@@ -247,6 +327,7 @@ class Params(_Strict):
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     curate: CurateParams = CurateParams()
     pretrain: PretrainParams = PretrainParams()
+    tune: TuneParams = TuneParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 

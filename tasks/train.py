@@ -33,6 +33,7 @@ import io
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ from tasks.models import (
     set_finetune,
     set_train_mode,
 )
-from tasks.params import Params, TrainParams, dump_resolved
+from tasks.params import Params, TrainParams, dump_resolved, with_values
 from tasks.weights import train_weights
 
 
@@ -142,7 +143,7 @@ def _resume(run_dir: Path, key: str, *, params: TrainParams, model, opt, sched, 
 
 
 def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0,
-          cache_dir: Path | None = None) -> TrainResult:
+          cache_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune `params.model` on the curated version in `curate_dir`; write to `out_dir`.
 
     curate_dir: the curate stage's output (manifest.parquet, curation.json).
@@ -151,6 +152,10 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     seed:       seeds weights of the new head, the val carve-out, data order, augmentation, dropout.
     cache_dir:  epoch checkpoints go to cache_dir/train/<run key>/ and, with `params.resume`, a
                 run continues from there; None: no checkpoints, no resume.
+    on_epoch:   called with each epoch's history entry (epoch, train_loss, val_accuracy, ...)
+                once it is checkpointed, and on resume with each restored entry first, so a
+                caller sees every epoch once per call. What it raises stops the run (a sweep's
+                pruning); no model.pt is written then.
     Returns a TrainResult. Raises ValueError when no train rows are left or the mode or recipe
     does not fit.
     """
@@ -207,6 +212,8 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         run_dir = checkpoints.run_dir(cache_dir, key)
         start, best, best_state, history = _resume(run_dir, key, params=params, model=model, opt=opt,
                                                    sched=sched, gen=gen, device=device, ema=ema)
+    for entry in history if on_epoch is not None else ():
+        on_epoch(entry)
     t_train = time.perf_counter()
     for epoch in range(start, params.epochs):
         if recipe.should_stop(history, params.early_stopping_patience):  # also on resume: from history
@@ -253,6 +260,8 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                                         generator=gen, best=best, best_state=best_state, history=history,
                                         device=device, ema=ema)
             checkpoints.save(run_dir, state, keep=params.keep_checkpoints)
+        if on_epoch is not None:
+            on_epoch(entry)
 
     train_seconds = max(time.perf_counter() - t_train, 1e-9)
     if lora_info is not None:
@@ -311,6 +320,19 @@ def dataset_task(curate_dir: Path) -> str:
     return read_json(version).get("task", "classification") if version.is_file() else "classification"
 
 
+def final_params(params: Params) -> tuple[TrainParams, dict | None]:
+    """(recipe, best trial): `train:` as is, or with `tune.enabled` the tune stage's best values
+    (data/tune/best.json) trained on train+val (no val carve-out; the sweep already chose)."""
+    recipe = train_weights(params)
+    if not params.tune.enabled:
+        return recipe, None
+    best_file = params.paths.data / "tune" / "best.json"
+    if not best_file.is_file():
+        raise ValueError(f"tune.enabled: true but {best_file} is missing: run the tune stage first")
+    best = read_json(best_file)
+    return with_values(recipe, best["params"], epochs=best["epochs"], val_fraction=0.0), best
+
+
 def run(params: Params):
     """The stage: classification (train) or, for a detection version, Faster R-CNN
     (tasks.detection.train_detection) with `train.detection`."""
@@ -321,8 +343,11 @@ def run(params: Params):
         result = train_detection(curate_dir, params=params.train, out_dir=out_dir, seed=params.seed,
                                  cache_dir=params.paths.cache)
     else:
-        result = train(curate_dir, params=train_weights(params), out_dir=out_dir, seed=params.seed,
-                       cache_dir=params.paths.cache)
+        recipe, best = final_params(params)
+        result = train(curate_dir, params=recipe, out_dir=out_dir, seed=params.seed, cache_dir=params.paths.cache)
+        if best is not None:  # the model names the sweep and trial it came from
+            meta = read_json(out_dir / "model.json")
+            atomic_write_json(out_dir / "model.json", {**meta, "tuned_from": best})
     dump_resolved(params, out_dir / "params.resolved.yaml")
     return result
 

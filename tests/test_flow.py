@@ -38,7 +38,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     tmp = _project(tmp_path)
     monkeypatch.chdir(tmp)
     first = pipeline()
-    assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "train", "evaluate", "review"]
+    assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review"]
     assert (tmp / "reports" / "metrics.json").is_file()
     with Repo(str(tmp)) as repo:
         assert repo.status() == {}  # the flow's work is recorded in dvc.lock
@@ -49,8 +49,8 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
 
     assert _ran(pipeline()) == []  # nothing changed: every stage skipped
 
-    set_param(tmp, "train.lr", 0.002)
-    assert _ran(pipeline()) == ["train", "evaluate", "review"]
+    set_param(tmp, "train.lr", 0.002)  # tune's base recipe too: with the sweep off, a no-op rerun
+    assert _ran(pipeline()) == ["tune", "train", "evaluate", "review"]
 
     set_param(tmp, "train.lr", 0.001)
     repro = dvc(tmp, "repro")
