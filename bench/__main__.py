@@ -25,6 +25,7 @@ BENCHMARKS = {
     "train": "trainer images/s ÷ a bare PyTorch loop on the same tensors; linear probe vs full fine-tune",
     "seed_recipe": "time to a fixed test accuracy: the platform trainer vs the naive seed recipe (speed-up)",
     "detection": "detection training and evaluation (bench/detection.py)",
+    "tune": "a sweep with median/hyperband pruning vs none: epochs ratio, best val gap, Optuna overhead",
 }
 
 

@@ -267,7 +267,7 @@ class TuneParams(_Strict):
     epochs: int | None = Field(default=None, ge=1)      # per trial; null: train.epochs
     sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: int = Field(default=5, ge=0)        # random trials before TPE, and before pruning starts
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
     warmup_epochs: int = Field(default=1, ge=0)         # median: epochs a trial runs before it can be pruned
     workers: int = Field(default=1, ge=1)               # local worker processes, threads split between them
     storage: str | None = None   # null: Optuna journal file under paths.cache/tune; or postgresql+psycopg://...

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,6 @@ from tasks.tune_study import (
     study_name,
     trial_epochs,
 )
-
 
 OFF_PAGE = ("<!doctype html><meta charset=utf-8><title>Hyperparameter sweep: off</title>"
             "<p>No sweep: <code>tune.enabled</code> is false in params.yaml. Set it to true to run the "
@@ -121,10 +121,10 @@ def _objective(trial, params: Params, name: str, threads: int) -> tuple[Callable
             raise optuna.TrialPruned(f"pruned after epoch {entry['epoch']}")
 
     def run() -> dict:
-        recipe = with_values(train_weights(params), values, epochs=epochs, num_threads=threads)
         folder = workspace(params, name, values)
         t0, outcome = time.perf_counter(), {"values": values, "epochs_requested": epochs}
-        try:
+        try:  # invalid values (e.g. a bound the train: model rejects) fail this trial, not the sweep
+            recipe = with_values(train_weights(params), values, epochs=epochs, num_threads=threads)
             result = train(params.paths.data / "curate", params=recipe, out_dir=folder / "model", seed=params.seed,
                            cache_dir=folder, on_epoch=on_epoch)
             resumed = read_json(folder / "model" / "model.json").get("resumed_after_epoch")
@@ -223,9 +223,20 @@ def _spawn_workers(params: Params, name: str, *, threads: int, deadline: float |
     spec = params.paths.cache / "tune" / name / "params.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(params.model_dump_json(by_alias=True))
+    gpus = _gpu_count(params)
     return [subprocess.Popen([*worker_cmd, "--params", str(spec), "--study", name, "--index", str(i),
-                              "--threads", str(threads), "--deadline", str(deadline or 0)])
+                              "--threads", str(threads), "--deadline", str(deadline or 0)],
+                             # several GPUs: worker i gets GPU i mod count (worker 0, here, the first)
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else None)
             for i in range(1, params.tune.workers)]
+
+
+def _gpu_count(params: Params) -> int:
+    if params.train.device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _summarize(params: Params, name: str, out_dir: Path, report_dir: Path, seconds: float) -> TuneResult:

@@ -91,12 +91,16 @@ def build_pruner(tp: TuneParams, epochs: int):
         return optuna.pruners.MedianPruner(n_startup_trials=tp.startup_trials, n_warmup_steps=tp.warmup_epochs)
     if tp.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if tp.pruner == "successive_halving":  # ASHA: at epochs 1, 3, 9, ... only the top third goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
-def _sampler_seed(seed: int, name: str, n_trials: int, worker: int) -> int:
-    """A fresh stream per worker and per resume: a resumed study must not replay old draws."""
-    text = f"{seed}/{name}/{n_trials}/{worker}"
+def _sampler_seed(seed: int, n_trials: int, worker: int) -> int:
+    """A fresh stream per worker and per resume (a resumed study must not replay old draws);
+    for a new study the same as any other new study with this seed, so two sweeps that differ
+    only in their pruner start from the same trials."""
+    text = f"{seed}/{n_trials}/{worker}"
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
@@ -106,7 +110,7 @@ def load_study(params: Params, name: str, *, worker: int = 0):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=open_storage(params))
     n = len(study.get_trials(deepcopy=False))
-    study.sampler = build_sampler(params.tune, _sampler_seed(params.seed, name, n, worker))
+    study.sampler = build_sampler(params.tune, _sampler_seed(params.seed, n, worker))
     study.pruner = build_pruner(params.tune, trial_epochs(params))
     return study
 

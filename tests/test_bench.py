@@ -122,3 +122,18 @@ def test_train_bench_nests_detection_figures(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "bench.detection", fake)
     assert train._detection(tmp_path)["ratios"] == {"map trained / untrained": 2.0}
     assert calls == [tmp_path / "detection"]
+
+
+def test_tune_bench_compares_pruning_with_none(curated_tiny):
+    from bench import tune
+
+    figures = tune.run(size=100, source=curated_tiny, trials=4, epochs=2, arms=("none", "median"),
+                       overrides=TINY_TRAIN)
+    none, median = figures["arms"]["none"], figures["arms"]["median"]
+    assert none["trials"] == median["trials"] == 4
+    assert none["epochs_trained"] == 8 and none["n_pruned"] == 0  # no pruner: every epoch runs
+    assert median["epochs_trained"] == sum(r["epochs_run"] for r in median["trials_table"]) <= 8
+    ratios = figures["ratios"]
+    assert ratios["median: epochs ÷ none"] == round(median["epochs_trained"] / 8, 3)
+    assert 0 < ratios["none: optuna s ÷ trial s"] < 1 and 0 < ratios["median: optuna s ÷ trial s"] < 1
+    assert all(math.isfinite(v) for v in ratios.values())

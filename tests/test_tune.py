@@ -188,3 +188,32 @@ def test_two_workers_on_postgresql(curated, tmp_path, postgres_url):  # noqa: F8
     study = optuna.load_study(study_name=tune.study_for(p), storage=postgres_url)
     _check_workers(study, 6)
     assert read_json(p.paths.data / "tune" / "tune.json")["storage"].startswith("postgresql+psycopg://")
+
+
+def test_time_budget_stops_new_trials(curated, tmp_path):
+    """timeout_s: the trial under way finishes, no new one starts; what finished is summarized."""
+    p = _params(curated, tmp_path, ["tune.trials=50", "tune.timeout_s=3"])
+    r = tune.run(p)
+    assert 1 <= r.n_complete + r.n_pruned < 50
+    assert read_json(p.paths.data / "tune" / "tune.json")["counts"]["COMPLETE"] == r.n_complete
+
+
+def test_disabled_stage_writes_its_outputs_only(curated, tmp_path):
+    p = _params(curated, tmp_path, ["tune.enabled=false"])
+    assert not tune.run(p).enabled
+    assert read_json(p.paths.data / "tune" / "tune.json") == {"enabled": False}
+    assert "tune.enabled" in (p.paths.reports / "tune" / "index.html").read_text()
+    assert not (p.paths.cache / "tune").exists()  # no study, no journal
+
+
+def test_invalid_values_fail_their_trial_with_the_reason(curated, tmp_path):
+    """A value the train: model rejects fails that trial (recorded, counted), never the worker;
+    with no trial left to pick, the stage says why."""
+    p = _params(curated, tmp_path, ["tune.trials=2",
+                                    "tune.space={augment.randaugment_magnitude: {type: int, low: 31, high: 31}}"])
+    with pytest.raises(tune.TuneError, match="no trial completed.*randaugment_magnitude"):
+        tune.run(p)
+    trials = _study(p).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("less than or equal to 30" in t.user_attrs["fail_reason"] for t in trials)
+    assert not (p.paths.data / "tune" / "best.json").exists()  # no half-made result
