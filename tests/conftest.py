@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 _STATE = Path(tempfile.mkdtemp(prefix="pixelops-test-state-"))
+# Registered first so it runs last (atexit is LIFO): after the database below has stopped.
+# Left behind, each session's state (database, Prefect home) is ~300 MB of disk CI also needs.
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_STATE / "fiftyone-datasets"))
 # Tests share torch's hub cache with the project so the installed weights file is found.
