@@ -9,6 +9,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 WEIGHTS := .torch/hub/checkpoints/mobilenet_v2-b0353104.pth
+# The report browser test drives Debian's chromium through its chromedriver (selenium), offline.
+CHROMEDRIVER := /usr/bin/chromedriver
 # Any Debian PostgreSQL server (its initdb); Debian 12's `postgresql` installs version 15.
 POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) /usr/lib/postgresql/15/bin/initdb)
 
@@ -22,7 +24,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_HOME := $(CURDIR)/.torch
 
 .PHONY: setup run flow test test-slow bench clean-state
-setup: $(STAMP) $(DATA) $(WEIGHTS) $(POSTGRES) .git
+setup: $(STAMP) $(DATA) $(WEIGHTS) $(POSTGRES) $(CHROMEDRIVER) .git
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +47,11 @@ $(POSTGRES):
 	export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y postgresql || (apt-get update && apt-get install -y postgresql) || \
 	  { echo "install the Debian package postgresql (as root): the tests start their own PostgreSQL server"; exit 1; }
+
+$(CHROMEDRIVER):
+	export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver) || \
+	  { echo "install the Debian packages chromium and chromium-driver (as root): the report browser test uses them"; exit 1; }
 
 $(WEIGHTS): $(STAMP)
 	$(BIN)/python -m tasks.weights install

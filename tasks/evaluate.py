@@ -1,17 +1,24 @@
-"""Stage evaluate: test-split metrics, a confusion matrix and a self-contained HTML report.
+"""Stage evaluate: test-split metrics with intervals, calibration, plots, a model card and a
+self-contained HTML report that compares the run with the previous one.
 
 Inputs:  data/train/ (model.pt, model.json), data/curate/ (manifest, curation.json), images.
-Outputs: reports/metrics.json                 headline metrics for `dvc metrics show`
-         reports/evaluate/metrics.json        full metrics (per class, confusion matrix)
-         reports/evaluate/confusion_matrix.png
+Outputs: reports/metrics.json                 headline metrics for `dvc metrics show/diff`
+         reports/evaluate/metrics.json        everything: per class, confusion, calibration, intervals
          reports/evaluate/index.html          one offline page: plots embedded, strings escaped
+         reports/evaluate/model_card.md       the model card (tasks.model_card)
+         reports/evaluate/lineage.json        what the model was made from (tasks.lineage)
+         reports/evaluate/plots/*.csv         data for `dvc plots show/diff` (dvc.yaml plots:)
+         reports/evaluate/*.png               the plots, also embedded in the page
+         reports/runs/<run>/                  the page, card and metrics kept per run (persisted)
+         reports/history.jsonl                one line per evaluated run (persisted): the comparison
 Params:  `evaluate:` section.
 """
 
 from __future__ import annotations
 
-import base64
+import csv
 import io
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks import evaluate_report as er
 from tasks.data import build_eval_transform, image_channels, label_indices, load_images
 from tasks.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tasks.lineage import compare, flatten, lineage, read_history, record_run
+from tasks.metrics import (
+    bootstrap_intervals,
+    calibration,
+    classification_metrics,
+    confident_mistakes,
+    softmax,
+    top_k_accuracy,
+)
+from tasks.model_card import model_card
 from tasks.params import EvaluateParams, Params
 from tasks.train import load_trained, load_training_rows, predict_logits
 
@@ -34,96 +52,6 @@ class EvaluateResult:
     dataset_version: str
     metrics_path: str
     report_path: str
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
-    k = len(classes)
-    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
-    tp = np.diag(cm).astype(float)
-    support, predicted = cm.sum(1), cm.sum(0)
-    # A class never predicted (or absent) has precision (recall) 0 by convention, as sklearn's zero_division=0.
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = support > 0
-    return {
-        "accuracy": float(tp.sum() / max(1, cm.sum())),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
-            for i, name in enumerate(classes)
-        },
-        "confusion_matrix": cm.tolist(),
-    }
-
-
-def confusion_png(cm: list[list[int]], classes: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; also keeps the import cheap
-    import matplotlib.pyplot as plt
-
-    arr = np.asarray(cm)
-    norm = arr / np.maximum(arr.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(arr[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-_REPORT = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>PixelOps evaluation {{ version }}</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.big{font-size:2rem;font-weight:600;margin-right:2rem}.muted{color:#666}
-</style></head><body>
-<h1>Evaluation on the test split</h1>
-<p><span class="big">accuracy {{ "%.4f"|format(m.accuracy) }}</span>
-<span class="big">macro F1 {{ "%.4f"|format(m.macro_f1) }}</span></p>
-<p class="muted">{{ n_test }} test images · dataset version <code>{{ version }}</code> ·
-model <code>{{ arch }}</code> ({{ weights }}) · {{ image_size }} px · model sha256 <code>{{ model_sha[:16] }}</code></p>
-<h2>Per class</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
-{% for name, c in m.per_class.items() %}<tr><td>{{ name }}</td><td>{{ "%.3f"|format(c.precision) }}</td>
-<td>{{ "%.3f"|format(c.recall) }}</td><td>{{ "%.3f"|format(c.f1) }}</td><td>{{ c.support }}</td></tr>
-{% endfor %}</table>
-<h2>Confusion matrix</h2>
-<img alt="confusion matrix (row-normalized colour, counts in cells)" src="data:image/png;base64,{{ cm_png }}">
-<h2>Training</h2>
-<table><tr><th>epoch</th><th>train loss</th><th>val accuracy</th><th>seconds</th></tr>
-{% for h in history %}<tr><td>{{ h.epoch }}</td><td>{{ "%.4f"|format(h.train_loss) }}</td>
-<td>{{ "%.4f"|format(h.val_accuracy) if h.val_accuracy is defined else "" }}</td><td>{{ h.seconds }}</td></tr>
-{% endfor %}</table>
-</body></html>
-"""
-
-
-def render_report(metrics: dict, meta: dict, cm_png: bytes) -> str:
-    from jinja2 import Environment
-
-    env = Environment(autoescape=True)  # class names and paths are data: always escaped
-    spec = meta["spec"]
-    return env.from_string(_REPORT).render(
-        m=metrics, version=meta["dataset_version"], n_test=metrics["n_test"], arch=spec["arch"],
-        weights=spec.get("weights") or "from scratch", image_size=spec["image_size"],
-        model_sha=meta.get("model_sha256", ""), history=meta.get("history", []),
-        cm_png=base64.b64encode(cm_png).decode())
 
 
 def evaluate(model_dir: Path, curate_dir: Path, *, params: EvaluateParams, report_dir: Path,
@@ -143,18 +71,83 @@ def evaluate(model_dir: Path, curate_dir: Path, *, params: EvaluateParams, repor
     logits = predict_logits(model, images, build_eval_transform(mean=spec.mean, std=spec.std),
                             batch_size=params.batch_size, device=torch.device("cpu"),
                             channels_last=False, bf16=False)
-    metrics = classification_metrics(y_true, logits.argmax(1).numpy(), classes)
+    probs = softmax(logits.numpy().astype(np.float64))
+    y_pred = probs.argmax(1)
+    metrics = classification_metrics(y_true, y_pred, classes)
+    metrics.update(
+        top_k=min(params.top_k, len(classes)), top_k_accuracy=top_k_accuracy(y_true, probs, params.top_k),
+        calibration=calibration(y_true, probs, params.calibration_bins),
+        intervals=bootstrap_intervals(y_true, y_pred, len(classes), n=params.bootstrap, ci=params.ci),
+        intervals_level=params.ci, bootstrap_resamples=params.bootstrap,
+    )
+    metrics["ece"] = metrics["calibration"]["ece"]
     metrics.update(n_test=len(rows), dataset_version=version, seconds=round(time.perf_counter() - t0, 2))
-
-    report_dir = Path(report_dir)
-    png = confusion_png(metrics["confusion_matrix"], classes)
-    atomic_write_bytes(report_dir / "confusion_matrix.png", png)
-    atomic_write_json(report_dir / "metrics.json", metrics)
-    atomic_write_text(report_dir / "index.html", render_report(metrics, meta, png))
-    headline = {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "n_test")}
-    atomic_write_json(metrics_path, headline)
+    lin = lineage(meta, Path(curate_dir), n_test=len(rows))
+    mistakes = [{"index": i, "path": str(rows["path"][i]), "true": classes[y_true[i]], "pred": classes[y_pred[i]],
+                 "confidence": float(probs[i, y_pred[i]])} for i in confident_mistakes(y_true, probs, params.gallery)]
+    metrics["confident_mistakes"] = mistakes
+    write_outputs(metrics, lin, meta, classes, mistakes, images_root=Path(images_root), report_dir=Path(report_dir),
+                  metrics_path=Path(metrics_path), y_true=y_true, y_pred=y_pred)
     return EvaluateResult(metrics["accuracy"], metrics["macro_f1"], len(rows), version, str(metrics_path),
-                          str(report_dir / "index.html"))
+                          str(Path(report_dir) / "index.html"))
+
+
+HEADLINE = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
+            ("top_k_accuracy", "top-k accuracy"), ("ece", "calibration error (ECE)"))
+
+
+def _plot_data(report_dir: Path, metrics: dict, classes: list[str], y_true, y_pred, history: list[dict]) -> None:
+    """CSV files for `dvc plots`: per-image (actual, predicted), reliability bins, per-class scores, history."""
+    def write(name: str, header: list[str], rows) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        atomic_write_text(report_dir / "plots" / name, buf.getvalue())
+
+    write("confusion.csv", ["actual", "predicted"], ((classes[t], classes[p]) for t, p in zip(y_true, y_pred)))
+    write("calibration.csv", ["confidence", "accuracy", "count"],
+          ((round(b["confidence"], 6), round(b["accuracy"], 6), b["count"])
+           for b in metrics["calibration"]["bins"] if b["count"]))
+    write("per_class.csv", ["class", "precision", "recall", "f1", "support"],
+          ((n, round(c["precision"], 6), round(c["recall"], 6), round(c["f1"], 6), c["support"])
+           for n, c in metrics["per_class"].items()))
+    write("history.csv", ["epoch", "train_loss", "val_accuracy"],
+          ((h["epoch"], h["train_loss"], h.get("val_accuracy", "")) for h in history))
+
+
+def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mistakes: list[dict], *,
+                  images_root: Path, report_dir: Path, metrics_path: Path, y_true, y_pred) -> None:
+    history_path = report_dir.parent / "history.jsonl"
+    headline = {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top_k_accuracy", "ece",
+                                        "n_test")}
+    entry = {"lineage": lin, "metrics": headline}
+    comparison = compare(entry, read_history(history_path))
+    metrics["comparison"] = comparison
+    plots = {"confusion": er.confusion_png(metrics["confusion_matrix"], classes),
+             "reliability": er.reliability_png(metrics["calibration"]),
+             "history": er.history_png(meta.get("history", []))}
+    for name, png in plots.items():
+        if png:
+            atomic_write_bytes(report_dir / f"{name}.png", png)
+    gallery = [{**m, "uri": er.data_uri(er.thumbnail_png(images_root / m["path"]))} for m in mistakes]
+    html = er.render_report(metrics=metrics, lineage=lin, comparison=comparison, headline=HEADLINE,
+                            plots={k: er.data_uri(v) for k, v in plots.items()}, gallery=gallery,
+                            history=meta.get("history", []), history_path=str(history_path),
+                            train_params_flat=flatten(lin["train_params"]))
+    card = model_card(metrics, lin, classes)
+    _plot_data(report_dir, metrics, classes, y_true, y_pred, meta.get("history", []))
+    atomic_write_json(report_dir / "metrics.json", metrics)
+    atomic_write_json(report_dir / "lineage.json", lin)
+    atomic_write_text(report_dir / "model_card.md", card)
+    atomic_write_text(report_dir / "index.html", html)
+    run_dir = report_dir.parent / "runs" / lin["run"]  # kept across runs: reports/<run>/ of each model
+    for name in ("index.html", "model_card.md", "metrics.json", "lineage.json"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report_dir / name, run_dir / (name + ".tmp"))
+        (run_dir / (name + ".tmp")).replace(run_dir / name)
+    atomic_write_json(metrics_path, headline)
+    record_run(history_path, entry)  # last: a failed evaluation leaves the history as it was
 
 
 def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, metrics_path: Path,

@@ -318,6 +318,22 @@ def with_values(params: TrainParams, values: dict, **fixed) -> TrainParams:
 
 class EvaluateParams(_Strict):
     batch_size: int = Field(default=512, ge=1)
+    top_k: int = Field(default=3, ge=2)  # top-k accuracy beside top-1
+    calibration_bins: int = Field(default=15, ge=2, le=100)  # ECE and the reliability diagram
+    bootstrap: int = Field(default=1000, ge=0)  # resamples of the test set for intervals; 0: none
+    ci: float = Field(default=0.95, gt=0, lt=1)
+    gallery: int = Field(default=24, ge=0)  # most confident mistakes shown in the report
+
+
+class ExportParams(_Strict):
+    enabled: bool = True
+    formats: list[Literal["torchscript", "onnx"]] = ["torchscript", "onnx"]
+    quantize: Literal["int8", "none"] = "int8"  # ONNX Runtime static int8, calibrated on train images
+    opset: int = Field(default=18, ge=13)
+    parity_atol: float = Field(default=1e-3, gt=0)  # max |logit difference| vs PyTorch on test images
+    parity_images: int = Field(default=256, ge=1)
+    calibration_images: int = Field(default=256, ge=1)
+    latency_runs: int = Field(default=30, ge=1)  # single-image CPU latency: median of this many
 
 
 class Params(_Strict):
@@ -330,6 +346,7 @@ class Params(_Strict):
     tune: TuneParams = TuneParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -289,6 +289,7 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
         "resumed_after_epoch": start or None,
         "recipe": {"optimizer": params.optimizer, "grad_clip": params.grad_clip, "ema_decay": params.ema_decay,
                    "early_stopping_patience": params.early_stopping_patience},
+        "train_params": params.model_dump(mode="json"),  # the whole recipe, for lineage and model cards
         "stopped_early_after_epoch": epochs_run if epochs_run < params.epochs else None,
         "checkpoint_dir": str(run_dir) if run_dir is not None else None,
         "history": history,

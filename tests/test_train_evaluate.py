@@ -9,7 +9,7 @@ import torch
 
 from tasks import curate, evaluate, ingest, train
 from tasks.data import TrainAugment, split_train_val
-from tasks.evaluate import classification_metrics
+from tasks.metrics import classification_metrics
 from tasks.weights import WeightsError, resolve_weights
 from tests.conftest import tiny_params
 
@@ -48,7 +48,7 @@ def test_evaluate_beats_chance_and_writes_report(trained):
     html = (params.paths.reports / "evaluate" / "index.html").read_text()
     assert "T-shirt/top" in html and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html
-    assert (params.paths.reports / "evaluate" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (params.paths.reports / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_classification_metrics_known_values():
