@@ -19,7 +19,7 @@ from tasks.env import configure_environment
 configure_environment()
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.tune import tune_wiring
@@ -63,6 +63,20 @@ def _publish_validation_failure(error) -> None:
                              description="Great Expectations gate: failed")
 
 
+def _publish_results(root: str) -> None:
+    """The run's summary, per-class table and report link, on the flow run in the UI."""
+    from tasks.report import per_class_table, report_uri, summary_markdown
+
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(root), description="PixelOps run")
+    rows = per_class_table(root)
+    if rows:
+        create_table_artifact(key="per-class-metrics", table=rows, description="Test split, per class")
+    uri = report_uri(root)
+    if uri:
+        create_link_artifact(key="evaluation-report", link=uri, link_text="evaluation report (HTML)",
+                             description="Self-contained page: open it from the machine that ran the flow")
+
+
 @flow(name="pixelops-pipeline")
 def pipeline(root: str = ".") -> dict:
     """Run every stage in order; each is skipped when DVC records it as up to date."""
@@ -75,9 +89,7 @@ def pipeline(root: str = ".") -> dict:
         except ValidationFailed as e:
             _publish_validation_failure(e)
             raise
-    from tasks.report import summary_markdown
-
-    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(root), description="PixelOps run")
+    _publish_results(root)
     return {"stages": outcomes, "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -7,7 +7,7 @@ Inputs:  curated manifest rows (sample_id, path, split, width, height, exif_orie
 Outputs: `Tile`s (a window of one image plus its boxes in tile coordinates) and `TileDataset`
          items: (tv_tensors.Image, {"boxes": tv_tensors.BoundingBoxes XYXY, "labels": int64}),
          labels 1-based (0 is Faster R-CNN's background); `score_tiles`: COCO-style metrics of a
-         detector on a TileDataset (torchmetrics' MeanAveragePrecision, pycocotools backend).
+         detector on a TileDataset (tasks.detection_metrics: torchmetrics on the pycocotools backend).
 Params:  `train.detection` tile_size, tile_overlap, min_visible (tasks.params.DetectionParams).
 
 Tiling: aerial images are far larger than what a detector sees at native resolution (tree
@@ -296,32 +296,21 @@ def score_tiles(model: torch.nn.Module, dataset: TileDataset, classes: list[str]
                 batch_size: int = 4, bf16: bool = False) -> dict:
     """COCO-style metrics of `model` on every tile of `dataset`, and inference tiles/s.
 
-    Returns {"map", "map_50", "map_75", "mar_100", "per_class_ap": {class: AP},
-    "n_tiles", "n_boxes", "tiles_per_second"}; a figure is None where it is undefined (no box
-    and no detection, for the split or the class; pycocotools reports -1).
+    Returns tasks.detection_metrics.coco_metrics' dict (map, map_50, map_75, mar_100,
+    per_class_ap, per_class_ap_50, pr_curves) plus "n_tiles", "n_boxes", "tiles_per_second".
     """
-    from torchmetrics.detection import MeanAveragePrecision
+    from tasks.detection_metrics import coco_metrics
 
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools")
     model.eval()
-    seconds, n_boxes = 0.0, 0
+    seconds, n_boxes, all_preds, all_targets = 0.0, 0, [], []
     for idx in batches(len(dataset), batch_size):
         images, targets = collate([dataset[i] for i in idx])
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             preds = model([im.to(device) for im in images])
-        preds = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in p.items()} for p in preds]
+        all_preds += [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in p.items()} for p in preds]
         seconds += time.perf_counter() - t0
-        metric.update(preds, [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets])
+        all_targets += [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
         n_boxes += sum(len(t["labels"]) for t in targets)
-    out = metric.compute()
-    ids, aps = out["classes"].reshape(-1).tolist(), out["map_per_class"].reshape(-1).tolist()
-    per_class = {name: None for name in classes}
-    per_class.update({classes[i - 1]: _defined(ap) for i, ap in zip(ids, aps, strict=True) if 0 < i <= len(classes)})
-    return {**{k: _defined(float(out[k])) for k in ("map", "map_50", "map_75", "mar_100")},
-            "per_class_ap": per_class, "n_tiles": len(dataset), "n_boxes": n_boxes,
+    return {**coco_metrics(all_preds, all_targets, classes), "n_tiles": len(dataset), "n_boxes": n_boxes,
             "tiles_per_second": round(len(dataset) / max(seconds, 1e-9), 2)}
-
-
-def _defined(value: float) -> float | None:
-    return round(value, 4) if value >= 0 else None

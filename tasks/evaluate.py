@@ -153,12 +153,27 @@ def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mist
 def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, metrics_path: Path,
                       num_threads: int = 2) -> dict:
     """A detection version: COCO-style mAP of the Faster R-CNN on the test tiles
-    (tasks.detection.evaluate_detection), headline numbers into `metrics_path`."""
+    (tasks.detection.evaluate_detection), per-class AP and PR curves on an offline page,
+    headline numbers into `metrics_path`."""
+    from jinja2 import Environment, StrictUndefined
+
     from tasks.detection import evaluate_detection
+    from tasks.detection_metrics import pr_curves_png
+    from tasks.io import read_json
+    from tasks.lineage import code_version
 
     torch.set_num_threads(num_threads)
     metrics = evaluate_detection(model_dir, curate_dir, "test")
-    atomic_write_json(Path(report_dir) / "metrics.json", metrics)
+    report_dir = Path(report_dir)
+    png = pr_curves_png(metrics["pr_curves"])
+    if png:
+        atomic_write_bytes(report_dir / "pr_curves.png", png)
+    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    page = env.from_string(Path(__file__).with_name("evaluate_detection.html.j2").read_text()).render(
+        m=metrics, pr_uri=er.data_uri(png), code=code_version(),
+        model_sha=read_json(Path(model_dir) / "model.json").get("model_sha256", ""))
+    atomic_write_json(report_dir / "metrics.json", metrics)
+    atomic_write_text(report_dir / "index.html", page)
     headline = {k: metrics[k] for k in ("map", "map_50", "n_images") if k in metrics}
     atomic_write_json(metrics_path, headline)
     return metrics

@@ -17,6 +17,8 @@ def _facts(root: Path | str) -> dict:
     data, reports = root / params.paths.data, root / params.paths.reports
     version = read_json(data / "ingest" / "version.json") if (data / "ingest" / "version.json").is_file() else {}
     metrics = read_json(reports / "metrics.json") if (reports / "metrics.json").is_file() else {}
+    full = reports / "evaluate" / "metrics.json"
+    evaluation = read_json(full) if full.is_file() else {}
     model = read_json(data / "train" / "model.json") if (data / "train" / "model.json").is_file() else {}
     curation = read_json(data / "curate" / "curation.json") if (data / "curate" / "curation.json").is_file() else {}
     review = read_json(data / "review" / "review.json") if (data / "review" / "review.json").is_file() else {}
@@ -27,6 +29,8 @@ def _facts(root: Path | str) -> dict:
         "metrics": metrics,
         "model": model.get("spec", {}).get("arch"),
         "report": reports / "evaluate" / "index.html",
+        "model_card": reports / "evaluate" / "model_card.md",
+        "evaluation": evaluation,
         "curation": curation,
         "review": review,
     }
@@ -50,12 +54,50 @@ def summary_text(root: Path | str = ".") -> str:
     return "\n".join(lines)
 
 
+def _ci(evaluation: dict, name: str) -> str:
+    ci = evaluation.get("intervals", {}).get(name)
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
 def summary_markdown(root: Path | str = ".") -> str:
+    """The flow run's summary artifact: headline numbers with intervals, lineage, what changed."""
     f = _facts(root)
-    m = f["metrics"]
+    m, ev = f["metrics"], f["evaluation"]
     rows = [f"| dataset version | `{f['version']}` |", f"| images | {f['n_images']} |"]
-    if m:
-        rows += [f"| test accuracy | {m['accuracy']:.4f} |", f"| macro F1 | {m['macro_f1']:.4f} |",
+    if m.get("accuracy") is not None:
+        rows += [f"| test accuracy | {m['accuracy']:.4f}{_ci(ev, 'accuracy')} |",
+                 f"| macro F1 | {m['macro_f1']:.4f}{_ci(ev, 'macro_f1')} |",
                  f"| test images | {m['n_test']} |"]
+        if m.get("ece") is not None:
+            rows.append(f"| calibration error (ECE) | {m['ece']:.4f} |")
+    elif m.get("map") is not None:
+        rows += [f"| test mAP@[.50:.95] | {m['map']:.4f} |", f"| test mAP@.50 | {m['map_50']:.4f} |"]
+    cmp = ev.get("comparison")
+    if cmp:
+        delta = cmp["metrics"].get("accuracy", {}).get("delta")
+        changed = ", ".join(f"`{k}`" for k in cmp["params_changed"]) or "none"
+        rows += [f"| previous run | `{cmp['previous_run']}` |",
+                 f"| data changed | {'yes' if cmp['data']['changed'] else 'no'} |",
+                 f"| params changed | {changed} |"]
+        if delta is not None:
+            rows.append(f"| accuracy change | {delta:+.4f} |")
     rows.append(f"| report | `{f['report'].resolve()}` |")
+    if f["model_card"].is_file():
+        rows.append(f"| model card | `{f['model_card'].resolve()}` |")
     return "# PixelOps run\n\n| | |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def per_class_table(root: Path | str = ".") -> list[dict]:
+    """Rows of the per-class table artifact: the evaluation's per-class scores (classification)
+    or per-class AP (detection); empty before any evaluation."""
+    ev = _facts(root)["evaluation"]
+    if "per_class" in ev:
+        return [{"class": name, "precision": round(c["precision"], 4), "recall": round(c["recall"], 4),
+                 "f1": round(c["f1"], 4), "support": c["support"]} for name, c in ev["per_class"].items()]
+    return [{"class": name, "ap": ap} for name, ap in ev.get("per_class_ap", {}).items()]
+
+
+def report_uri(root: Path | str = ".") -> str | None:
+    """file:// URI of the evaluation page, for the flow run's link artifact; None before evaluate."""
+    page = _facts(root)["report"]
+    return page.resolve().as_uri() if page.is_file() else None

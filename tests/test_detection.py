@@ -295,4 +295,9 @@ def test_stage_doors_dispatch_a_detection_version(curated_crowns):
     metrics = evaluate.run(params)
     headline = json.loads((tmp / "reports" / "metrics.json").read_text())
     assert headline["map_50"] == pytest.approx(metrics["map_50"]) and headline["map_50"] > 0.15
+    page = (tmp / "reports" / "evaluate" / "index.html").read_text()  # per-class AP and PR curves, offline
+    assert f"{metrics['per_class_ap']['Tree']:.4f}" in page and "data:image/png;base64," in page
+    assert "https://" not in page and "http://" not in page
+    curve = metrics["pr_curves"]["precision"]["Tree"]
+    assert len(curve) == 101 and curve[0] >= curve[-1]  # interpolated precision falls with recall
     assert review.run(params)["skipped"] == "classification only"

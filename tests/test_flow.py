@@ -30,6 +30,26 @@ def _ran(result):
     return [s["stage"] for s in result["stages"] if not s["skipped"]]
 
 
+def _assert_result_artifacts(project) -> None:
+    """The flow run shows the summary, the per-class table and a link to the report page."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["pipeline-summary", "per-class-metrics", "evaluation-report"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    latest = {}
+    for a in sorted(found, key=lambda a: a.created):
+        latest[a.key] = a
+    assert set(latest) == set(keys)
+    metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
+    assert f"{metrics['accuracy']:.4f}" in latest["pipeline-summary"].data
+    table = json.loads(latest["per-class-metrics"].data) if isinstance(latest["per-class-metrics"].data, str) \
+        else latest["per-class-metrics"].data
+    assert {r["class"] for r in table} == set(metrics["per_class"])
+    assert (project / "reports" / "evaluate" / "index.html").resolve().as_uri() in latest["evaluation-report"].data
+
+
 def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     from dvc.repo import Repo
 
@@ -40,6 +60,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     first = pipeline()
     assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review"]
     assert (tmp / "reports" / "metrics.json").is_file()
+    _assert_result_artifacts(tmp)
     with Repo(str(tmp)) as repo:
         assert repo.status() == {}  # the flow's work is recorded in dvc.lock
 
