@@ -8,7 +8,8 @@ Outputs: data/review/
     and on the FiftyOne dataset of the version: fields `predictions` (Classification with
     logits) and `mistakenness` (FiftyOne Brain), saved views `likely-mislabeled` (the top
     `curate.signals.mislabeled_fraction` of train and val samples by mistakenness) and
-    `mistakes` (prediction differs from the label).
+    `mistakes` (prediction differs from the label), and FiftyOne's evaluation run `eval_test`
+    of the kept test samples (the numbers of the evaluate stage, in the App's Evaluations panel).
 Params:  `curate:` (database, signals), `evaluate.batch_size`.
 
 Every sample is scored, excluded ones included, so a curator sees why an excluded image
@@ -35,6 +36,7 @@ from tasks.io import atomic_write_bytes, atomic_write_json, save_table
 from tasks.params import Params, ParamsError, load_params
 
 HELD_OUT = "test"
+EVAL_KEY = "eval_test"  # FiftyOne evaluation run of the test split (App: Evaluations)
 
 
 def score(model_dir: Path, curate_dir: Path, *, batch_size: int, cache_dir: Path):
@@ -89,6 +91,18 @@ def _to_fiftyone(fo, dataset, rows: pd.DataFrame, logits: np.ndarray, fraction: 
     return rows["sample_id"].map(scores)
 
 
+def _fiftyone_evaluation(dataset) -> dict:
+    """FiftyOne's own evaluation run on the kept test samples (what the evaluate stage scores), so
+    the App's evaluation panel shows the report's numbers; re-run replaces the previous one."""
+    from fiftyone import ViewField as F
+
+    test = dataset.match((F("split") == HELD_OUT) & (F("excluded") == False))  # a query expression
+    if EVAL_KEY in dataset.list_evaluations():
+        dataset.delete_evaluation(EVAL_KEY)
+    results = test.evaluate_classifications("predictions", gt_field="ground_truth", eval_key=EVAL_KEY)
+    return {"eval_key": EVAL_KEY, "n": len(test), "accuracy": float(results.metrics()["accuracy"])}
+
+
 def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) -> dict:
     start = time.perf_counter()
     rows, logits, vectors, emb_info, info = score(model_dir, curate_dir, batch_size=params.evaluate.batch_size,
@@ -97,8 +111,10 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
         fo = curate_fiftyone.import_fiftyone(params.curate.database)
         dataset = fo.load_dataset(info["dataset_name"])
         rows["mistakenness"] = _to_fiftyone(fo, dataset, rows, logits, params.curate.signals.mislabeled_fraction)
+        fo_eval = _fiftyone_evaluation(dataset)
     else:  # curate.fiftyone off: predictions only; mistakenness is FiftyOne Brain's
         rows["mistakenness"] = np.nan
+        fo_eval = None
     out = rows[["sample_id", "split", "label", "predicted", "confidence", "mistakenness"]].copy()
     out["rank"] = out["mistakenness"].rank(ascending=False, method="first").astype("Int64")
     save_table(pa.Table.from_pandas(out, preserve_index=False), Path(out_dir) / "predictions.parquet")
@@ -111,6 +127,7 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
         "embeddings": emb_info,
         "n_samples": len(out),
         "n_mistakes": int((out["predicted"] != out["label"]).sum()),
+        "fiftyone_evaluation": fo_eval,
         "likely_mislabeled": round(params.curate.signals.mislabeled_fraction * int((out["split"] != HELD_OUT).sum())),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -30,6 +30,21 @@ def _ran(result):
     return [s["stage"] for s in result["stages"] if not s["skipped"]]
 
 
+def _assert_fiftyone_shows_the_same_accuracy(project) -> None:
+    """Predictions are written back to FiftyOne with its own evaluation run of the test split,
+    whose accuracy is the report's (same model, same kept test samples)."""
+    import fiftyone as fo
+
+    review = json.loads((project / "data" / "review" / "review.json").read_text())
+    metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
+    ev = review["fiftyone_evaluation"]
+    assert ev["n"] == metrics["n_test"]
+    assert abs(ev["accuracy"] - metrics["accuracy"]) <= 1 / metrics["n_test"]  # at most one near-tie flips
+    dataset = fo.load_dataset(review["dataset_name"])
+    assert ev["eval_key"] in dataset.list_evaluations()
+    assert dataset.count_values(f"{ev['eval_key']}")[True] == round(metrics["accuracy"] * metrics["n_test"])
+
+
 def _assert_result_artifacts(project) -> None:
     """The flow run shows the summary, the per-class table and a link to the report page."""
     from prefect import get_client
@@ -61,6 +76,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review"]
     assert (tmp / "reports" / "metrics.json").is_file()
     _assert_result_artifacts(tmp)
+    _assert_fiftyone_shows_the_same_accuracy(tmp)
     with Repo(str(tmp)) as repo:
         assert repo.status() == {}  # the flow's work is recorded in dvc.lock
 
