@@ -26,6 +26,7 @@ BENCHMARKS = {
     "seed_recipe": "time to a fixed test accuracy: the platform trainer vs the naive seed recipe (speed-up)",
     "detection": "detection training and evaluation (bench/detection.py)",
     "tune": "a sweep with median/hyperband pruning vs none: epochs ratio, best val gap, Optuna overhead",
+    "export": "TorchScript, ONNX, int8 ONNX vs PyTorch eager: 1-image latency, batch-64 images/s, test accuracy",
 }
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review")
+STAGES = ("ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review", "export")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -334,6 +334,13 @@ class ExportParams(_Strict):
     parity_images: int = Field(default=256, ge=1)
     calibration_images: int = Field(default=256, ge=1)
     latency_runs: int = Field(default=30, ge=1)  # single-image CPU latency: median of this many
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self):
+        if self.quantize == "int8" and "onnx" not in self.formats:
+            raise ValueError(f"export.quantize: int8 quantizes the ONNX model; add onnx to export.formats "
+                             f"(now {self.formats}) or set quantize: none")
+        return self
 
 
 class Params(_Strict):

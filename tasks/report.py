@@ -22,6 +22,7 @@ def _facts(root: Path | str) -> dict:
     model = read_json(data / "train" / "model.json") if (data / "train" / "model.json").is_file() else {}
     curation = read_json(data / "curate" / "curation.json") if (data / "curate" / "curation.json").is_file() else {}
     review = read_json(data / "review" / "review.json") if (data / "review" / "review.json").is_file() else {}
+    export = read_json(data / "export" / "export.json") if (data / "export" / "export.json").is_file() else {}
     return {
         "version": version.get("version", "(not ingested)"),
         "n_images": version.get("n_images"),
@@ -33,6 +34,8 @@ def _facts(root: Path | str) -> dict:
         "evaluation": evaluation,
         "curation": curation,
         "review": review,
+        "export": export,
+        "export_dir": data / "export",
     }
 
 
@@ -51,6 +54,13 @@ def summary_text(root: Path | str = ".") -> str:
         lines.append(f"test accuracy   : {m['accuracy']:.4f}   macro F1: {m['macro_f1']:.4f}   "
                      f"({m['n_test']} test images, model {f['model']})")
     lines.append(f"report          : {f['report'].resolve()}")
+    if f["model_card"].is_file():
+        lines.append(f"model card      : {f['model_card'].resolve()}")
+    ex = f["export"]
+    if ex.get("artifacts"):
+        q = ex.get("int8") or {}
+        int8 = f", int8 accuracy {q['accuracy_delta']:+.4f}" if q else ""
+        lines.append(f"export          : {', '.join(ex['artifacts'])}{int8} → {f['export_dir'].resolve()}")
     return "\n".join(lines)
 
 

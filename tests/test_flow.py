@@ -73,7 +73,8 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     tmp = _project(tmp_path)
     monkeypatch.chdir(tmp)
     first = pipeline()
-    assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review"]
+    assert _ran(first) == ["ingest", "validate", "pretrain", "curate", "tune", "train", "evaluate", "review",
+                          "export"]
     assert (tmp / "reports" / "metrics.json").is_file()
     _assert_result_artifacts(tmp)
     _assert_fiftyone_shows_the_same_accuracy(tmp)
@@ -87,7 +88,7 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     assert _ran(pipeline()) == []  # nothing changed: every stage skipped
 
     set_param(tmp, "train.lr", 0.002)  # tune's base recipe too: with the sweep off, a no-op rerun
-    assert _ran(pipeline()) == ["tune", "train", "evaluate", "review"]
+    assert _ran(pipeline()) == ["tune", "train", "evaluate", "review", "export"]
 
     set_param(tmp, "train.lr", 0.001)
     repro = dvc(tmp, "repro")
