@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]<>()#+-!|"})
+# What could turn data into markup or break a table row: raw HTML, links, code, emphasis, cells.
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]<>|"})
 
 
 def md(text: object) -> str:
@@ -65,7 +66,8 @@ def model_card(metrics: dict, lineage: dict, classes: list[str]) -> str:
                      f"relabeled {cur.get('n_relabeled', 0)}.")
     lines += ["", "## Training recipe"]
     keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "finetune", "seed")
-    lines += [f"- {k}: {md(tp[k])}" for k in keys if k in tp]
+    lines += [f"- {k}: {md(tp[k])}" for k in keys if k in tp] or ["- not recorded in model.json (trained by an "
+                                                                  "older version of the train stage)"]
     if tp.get("augment"):
         lines.append(f"- augment: {md(tp['augment'])}")
     if lin.get("tuned_from"):
