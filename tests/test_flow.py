@@ -94,6 +94,9 @@ def test_flow_and_dvc_agree(harness, tmp_path, monkeypatch):
     repro = dvc(tmp, "repro")
     assert repro.returncode == 0, repro.stderr
     assert "Running stage 'train'" in repro.stdout and "Running stage 'ingest'" not in repro.stdout
+    # history.jsonl is a persisted output: dvc repro keeps it, so the report compares with the flow's run
+    cmp = json.loads((tmp / "reports" / "evaluate" / "metrics.json").read_text())["comparison"]
+    assert cmp["params_changed"]["lr"] == [0.002, 0.001] and not cmp["data"]["changed"]
     assert _ran(pipeline()) == []  # after dvc repro, the flow does no stage work
 
 
