@@ -126,10 +126,14 @@ class PageCheck:
 
 
 def require_chromium() -> None:
-    """Skip the calling test, with the reason, when Chromium or chromedriver is not installed."""
+    """Skip the calling test, with the reason, when Chromium or chromedriver is not installed;
+    fail instead under CI (CI=true), where `make setup` installs both, so a skip would hide a gap."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not found: {INSTALL_HINT}")
+        reason = f"{', '.join(missing)} not found: {INSTALL_HINT}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def _short(url: str, limit: int = 120) -> str:
