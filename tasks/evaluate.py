@@ -93,7 +93,7 @@ def evaluate(model_dir: Path, curate_dir: Path, *, params: EvaluateParams, repor
 
 
 HEADLINE = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
-            ("top_k_accuracy", "top-k accuracy"), ("ece", "calibration error (ECE)"))
+            ("top_k_accuracy", "top-{k} accuracy"), ("ece", "calibration error (ECE)"))
 
 
 def _plot_data(report_dir: Path, metrics: dict, classes: list[str], y_true, y_pred, history: list[dict]) -> None:
@@ -131,7 +131,8 @@ def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mist
         if png:
             atomic_write_bytes(report_dir / f"{name}.png", png)
     gallery = [{**m, "uri": er.data_uri(er.thumbnail_png(images_root / m["path"]))} for m in mistakes]
-    html = er.render_report(metrics=metrics, lineage=lin, comparison=comparison, headline=HEADLINE,
+    headline_cards = [(key, label.format(k=metrics["top_k"])) for key, label in HEADLINE]
+    html = er.render_report(metrics=metrics, lineage=lin, comparison=comparison, headline=headline_cards,
                             plots={k: er.data_uri(v) for k, v in plots.items()}, gallery=gallery,
                             history=meta.get("history", []), history_path=str(history_path),
                             train_params_flat=flatten(lin["train_params"]))

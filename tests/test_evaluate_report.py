@@ -119,4 +119,4 @@ def test_second_run_is_compared_with_the_first(evaluated):
     runs = sorted(p.name for p in (params.paths.reports / "runs").iterdir())
     assert len(runs) == 2 and all((params.paths.reports / "runs" / r / "index.html").is_file() for r in runs)
     html = (_report(params) / "index.html").read_text()
-    assert cmp["previous_run"] in html and "Since the previous run" in html
+    assert cmp["previous_run"] in html and "Since the previous run" in html and "top-3 accuracy" in html
