@@ -142,9 +142,9 @@ def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mist
     atomic_write_json(report_dir / "lineage.json", lin)
     atomic_write_text(report_dir / "model_card.md", card)
     atomic_write_text(report_dir / "index.html", html)
-    run_dir = report_dir.parent / "runs" / lin["run"]  # kept across runs: reports/<run>/ of each model
+    run_dir = report_dir.parent / "runs" / lin["run"]  # kept across runs: reports/runs/<run>/ of each model
+    run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("index.html", "model_card.md", "metrics.json", "lineage.json"):
-        run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(report_dir / name, run_dir / (name + ".tmp"))
         (run_dir / (name + ".tmp")).replace(run_dir / name)
     atomic_write_json(metrics_path, headline)
