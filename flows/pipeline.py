@@ -6,11 +6,18 @@ does the work, and the stage is committed to dvc.lock. Prefect's own result cach
 these tasks: a second record of "done" could disagree with DVC's, which is keyed by the
 content of each stage's deps, params section and source.
 
+Parameters: the params.yaml sections as typed models (flows/forms.py): the Prefect UI shows
+them as a form, and what a run changes is written into params.yaml first. A run holds the
+project's DVC writer lock (pixelops/repo_lock.py) from that edit to its last commit, and
+model stages on CUDA hold a slot of the `gpu` concurrency limit (flows/concurrency.py).
+
 Run:  python -m flows.pipeline            (ephemeral local Prefect server, nothing to start)
+      pixelops serve                      (the Prefect server and UI deployments; README)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -22,13 +29,27 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.concurrency import ensure_gpu_limit, gpu_slot
+from flows.forms import apply_form
 from flows.tune import tune_wiring
-from pixelops.stages import STAGES, prepare_curation, run_stage
-from tasks.params import load_params
+from pixelops.stages import STAGES, enter_project, prepare_curation, repo_writer, run_stage
+from tasks.params import (
+    CurateParams,
+    EvaluateParams,
+    ExportParams,
+    IngestParams,
+    PretrainParams,
+    TrainParams,
+    TuneParams,
+    ValidateParams,
+    load_params,
+)
 from tasks.validate import ValidationFailed
 
 # Retries only where the world is flaky: reading the source, talking to FiftyOne's database.
 RETRIES = {"ingest": 2, "curate": 2}
+# Stages that put a model on the device; tune's trials take their own slots (flows/tune.py).
+MODEL_STAGES = {"pretrain", "train", "evaluate", "review", "export"}
 
 
 def _stage_task(name: str):
@@ -38,7 +59,8 @@ def _stage_task(name: str):
     def stage_task(root: str) -> dict:
         params = load_params(f"{root}/params.yaml")
         extra = tune_wiring(params) if name == "tune" else {}  # each trial a task run, workers flow runs
-        outcome = run_stage(name, params, root=root, **extra)
+        with gpu_slot(name in MODEL_STAGES and ensure_gpu_limit(params)):
+            outcome = run_stage(name, params, root=root, **extra)
         get_run_logger().info("%s %s in %.1fs", name, "up to date, skipped" if outcome.skipped else "ran",
                               outcome.seconds)
         return {"stage": name, "skipped": outcome.skipped, "seconds": round(outcome.seconds, 2)}
@@ -77,19 +99,56 @@ def _publish_results(root: str) -> None:
                              description="Self-contained page: open it from the machine that ran the flow")
 
 
-@flow(name="pixelops-pipeline")
-def pipeline(root: str = ".") -> dict:
-    """Run every stage in order; each is skipped when DVC records it as up to date."""
-    t0 = time.perf_counter()
-    prepare_task(root)
+def run_stages(root: str, names: tuple[str, ...], form: dict, *, purpose: str) -> list[dict]:
+    """The form's changes into params.yaml, then `names` in order, all under the writer lock."""
+    logger = get_run_logger()
+    root = enter_project(root)
+    params = load_params(f"{root}/params.yaml")
     outcomes = []
-    for name in STAGES:
-        try:
-            outcomes.append(STAGE_TASKS[name](root))
-        except ValidationFailed as e:
-            _publish_validation_failure(e)
-            raise
-    _publish_results(root)
+    with repo_writer(params, root, purpose, say=logger.warning):
+        apply_form(root, form, say=logger.info)
+        prepare_task(root)
+        for name in names:
+            try:
+                outcomes.append(STAGE_TASKS[name](root))
+            except ValidationFailed as e:
+                _publish_validation_failure(e)
+                raise
+    return outcomes
+
+
+def _purpose(flow: str) -> str:
+    from prefect.runtime import flow_run
+
+    return f"{flow} flow run {flow_run.name or ''} (pid {os.getpid()})".replace("  ", " ")
+
+
+@flow(name="pixelops-pipeline")
+def pipeline(root: str = ".", ingest: IngestParams | None = None, validation: ValidateParams | None = None,
+             pretrain: PretrainParams | None = None, curate: CurateParams | None = None,
+             tune: TuneParams | None = None, train: TrainParams | None = None,
+             evaluate: EvaluateParams | None = None, export: ExportParams | None = None) -> dict:
+    """Run every stage in order; each is skipped when DVC records it as up to date.
+
+    Each section left empty (None) is taken from params.yaml as it is; a given one is a form:
+    its changed values are written into params.yaml before the run (flows/forms.py).
+    `validation` is params.yaml's `validate:` (a parameter cannot be named after pydantic's
+    own `validate`).
+    """
+    t0 = time.perf_counter()
+    form = {"ingest": ingest, "validate": validation, "pretrain": pretrain, "curate": curate, "tune": tune,
+            "train": train, "evaluate": evaluate, "export": export}
+    outcomes = run_stages(root, STAGES, form, purpose=_purpose("pixelops-pipeline"))
+    _publish_results(".")  # run_stages entered the project
+    return {"stages": outcomes, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@flow(name="pixelops-curate")
+def curate_flow(root: str = ".", curate: CurateParams | None = None) -> dict:
+    """The stages up to curate (each skipped when up to date): the version data teams open in FiftyOne."""
+    t0 = time.perf_counter()
+    names = STAGES[: STAGES.index("curate") + 1]
+    outcomes = run_stages(root, names, {"curate": curate}, purpose=_purpose("pixelops-curate"))
     return {"stages": outcomes, "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -10,13 +10,12 @@ at one PostgreSQL database, then run a worker there (by hand or as a deployment 
 pool); Optuna hands each process its own trials.
 
 A trial's task run is named `trial-<number>` and publishes a table artifact with its values and
-outcome. On a GPU the trial holds a slot of the global concurrency limit `pixelops-gpu`
-(created with one slot per visible GPU), so parallel trials never oversubscribe it.
+outcome. On a GPU the trial holds a slot of the global concurrency limit `gpu`
+(flows/concurrency.py: one slot per visible GPU), so parallel trials never oversubscribe it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -25,32 +24,14 @@ from tasks.env import configure_environment
 
 configure_environment()
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 
+from flows.concurrency import ensure_gpu_limit, gpu_slot
 from tasks import tune as tune_stage
-from tasks.params import Params, load_params
-
-GPU_LIMIT = "pixelops-gpu"
-
-
-def _uses_gpu(params: Params) -> bool:
-    import torch
-
-    return params.train.device == "cuda" or (params.train.device == "auto" and torch.cuda.is_available())
-
-
-def _ensure_gpu_limit(params: Params) -> bool:
-    """Create the GPU concurrency limit (one slot per GPU) when trials run on CUDA."""
-    if not _uses_gpu(params):
-        return False
-    import torch
-
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, max(1, torch.cuda.device_count()))
-    return True
+from tasks.params import Params, TrainParams, TuneParams, load_params
 
 
 def _artifact_key(study: str, number: int) -> str:
@@ -62,8 +43,7 @@ def trial_runner(study: str, gpu: bool):
 
     @task(name="trial", cache_policy=NO_CACHE)
     def trial(number: int, values: dict, run) -> dict:
-        guard = GPU_LIMIT if gpu else None
-        with (concurrency_slot(guard) if guard else contextlib.nullcontext()):
+        with gpu_slot(gpu):
             outcome = run()
         row = {"trial": number, **{f"param {k}": v for k, v in values.items()},
                **{k: outcome.get(k) for k in ("state", "value", "epochs_run", "epochs_requested", "seconds")}}
@@ -77,26 +57,32 @@ def trial_runner(study: str, gpu: bool):
     return run_trial
 
 
-def concurrency_slot(name: str):
-    from prefect.concurrency.sync import concurrency
-
-    return concurrency(name, occupy=1, strict=True)  # strict: a missing limit is an error, not "no limit"
-
-
 def tune_wiring(params: Params) -> dict:
     """tasks.tune.run's keyword arguments inside a flow: trials as task runs, workers as flow runs."""
     if not params.tune.enabled:
         return {}
     _share_server_with_workers()
-    return {"run_trial": trial_runner(tune_stage.study_for(params), _ensure_gpu_limit(params)),
+    return {"run_trial": trial_runner(tune_stage.study_for(params), ensure_gpu_limit(params)),
             "worker_cmd": [sys.executable, "-m", "flows.tune", "worker"]}
 
 
 @flow(name="pixelops-tune")
-def tune_flow(root: str = ".") -> dict:
-    """The tune stage alone (not recorded in dvc.lock): the sweep, best.json and the report."""
-    params = load_params(f"{root}/params.yaml")
-    result = tune_stage.run(params, **tune_wiring(params))
+def tune_flow(root: str = ".", tune: TuneParams | None = None, train: TrainParams | None = None) -> dict:
+    """The sweep alone (not recorded in dvc.lock): trials, best.json and the report.
+
+    `tune` and `train` are forms over params.yaml's sections (flows/forms.py): changed values
+    (the space, trial count, the base recipe, `enabled`) are written into params.yaml first.
+    """
+    from flows.forms import apply_form
+    from pixelops.stages import enter_project, repo_writer
+
+    logger = get_run_logger()
+    root = enter_project(root)
+    with repo_writer(load_params(f"{root}/params.yaml"), root, f"pixelops-tune flow run (pid {os.getpid()})",
+                     say=logger.warning):
+        apply_form(root, {"tune": tune, "train": train}, say=logger.info)
+        params = load_params(f"{root}/params.yaml")
+        result = tune_stage.run(params, **tune_wiring(params))
     return {"study": result.study, "best_value": result.best_value, "best_params": result.best_params,
             "complete": result.n_complete, "pruned": result.n_pruned, "failed": result.n_failed}
 
@@ -110,7 +96,7 @@ def tune_worker(params_file: str, study: str, index: int = 0, threads: int | Non
                                          "--deadline", str(deadline or 0)])
     params = args.pop("params")
     return tune_stage.run_worker(params, args.pop("name"), **args,
-                                 run_trial=trial_runner(study, _ensure_gpu_limit(params)))
+                                 run_trial=trial_runner(study, ensure_gpu_limit(params)))
 
 
 def _share_server_with_workers() -> None:

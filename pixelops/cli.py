@@ -8,6 +8,9 @@
     pixelops pull-tags                          App tags -> curation/<version>.csv (run does it too)
     pixelops db start|stop|status               FiftyOne's database service (run starts it)
     pixelops status                             what DVC would rerun
+    pixelops server start|stop|status           the project's Prefect server on 127.0.0.1
+    pixelops serve                              that server plus the UI deployments (forms)
+    pixelops deploy [--pool NAME]               the deployments on a work pool, for `prefect worker`s
 
 `-S key=value` follows DVC's `exp run -S`: for `run` and `ingest` the value is written to
 params.yaml (after checking it against the typed params), so dvc.lock records what produced
@@ -37,6 +40,20 @@ def _subprocess_env() -> dict:
 
 
 def cmd_run(args) -> int:
+    # The writer lock covers the params.yaml edit too: a run waiting behind another must not
+    # change the params that run's stages are reading.
+    with _writer(f"pixelops run (pid {os.getpid()})"):
+        return _run_locked(args)
+
+
+def _writer(purpose: str):
+    from pixelops.stages import repo_writer
+    from tasks.params import load_params
+
+    return repo_writer(load_params(), ".", purpose)
+
+
+def _run_locked(args) -> int:
     from tasks.report import summary_text
 
     if args.set:
@@ -81,11 +98,12 @@ def cmd_ingest(args) -> int:
     source = Path(args.source).resolve()
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
-    before = _current_version(load_params())
-    set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}",
-                     "ingest.source.classes=null", *args.set])
-    params = load_params()
-    run_stage("ingest", params, record=True)
+    with _writer(f"pixelops ingest (pid {os.getpid()})"):
+        before = _current_version(load_params())
+        set_params_file([f"ingest.source.path={source}", f"ingest.source.format={args.format}",
+                         "ingest.source.classes=null", *args.set])
+        params = load_params()
+        run_stage("ingest", params, record=True)
     from pixelops.versions import sync_registry
 
     sync_registry(params)
@@ -188,6 +206,40 @@ def cmd_pull_tags(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from pixelops import server
+    from tasks.params import load_params
+
+    if args.action == "start":
+        s = load_params().server
+        info, started = server.start(s.host, s.port, timeout_s=s.startup_timeout_s)
+        print(f"Prefect server {'started' if started else 'already running'}: UI {info.ui}, pid {info.pid}, "
+              f"log {info.log}\nclients: export PREFECT_API_URL={info.url}")
+    elif args.action == "stop":
+        info = server.stop()
+        print(f"Prefect server stopped (pid {info.pid})" if info else "no Prefect server of this project is running")
+    else:
+        info = server.status()
+        print(f"running: UI {info.ui}, pid {info.pid}" if info else "not running")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.serve import serve
+
+    serve(".")
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows.serve import DEPLOYMENTS, deploy_to_pool
+
+    deploy_to_pool(args.pool, ".")
+    print(f"deployments {', '.join(DEPLOYMENTS)} registered on work pool {args.pool!r}; run them with "
+          f"`prefect worker start --pool {args.pool}` (PREFECT_API_URL set to the server)")
+    return 0
+
+
 def cmd_status(args) -> int:
     return subprocess.call([sys.executable, "-m", "dvc", "status"], env=_subprocess_env())
 
@@ -238,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=cmd_pull_tags)
 
     sub.add_parser("status", help="what `dvc repro` would rerun").set_defaults(func=cmd_status)
+
+    srv = sub.add_parser("server", help="the project's Prefect server (127.0.0.1): start, stop, status")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    srv.set_defaults(func=cmd_server)
+    sub.add_parser("serve", help="start the Prefect server and serve the UI deployments (Ctrl-C stops both)") \
+        .set_defaults(func=cmd_serve)
+    dep = sub.add_parser("deploy", help="register the deployments on a Prefect process work pool")
+    dep.add_argument("--pool", default="pixelops", help="work pool name (created if missing)")
+    dep.set_defaults(func=cmd_deploy)
     return parser
 
 

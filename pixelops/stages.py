@@ -2,12 +2,15 @@
 
 Both doors use this: `dvc repro` runs `python -m tasks.<stage>` and records dvc.lock; the
 Prefect flow and the CLI ask DVC (in-process) whether a stage is up to date, run the same
-stage function when it is not, then `commit` the stage so that `dvc repro` sees the work.
+stage function when it is not, then `commit` the stage so that `dvc repro` sees the work. A recorded stage holds the project's
+DVC writer lock (pixelops.repo_lock) from its status check to its commit.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,29 @@ def commit_stage(stage: str, root: Path | str = ".") -> None:
         repo.commit(stage, force=True)
 
 
+def enter_project(root: Path | str) -> str:
+    """Make `root` the working directory; returns its absolute path.
+
+    params.yaml's paths (data/, reports/ ...) are relative to the project root, and a flow run
+    does not always start there: a work-pool worker starts it in the code's folder.
+    """
+    root = Path(root).resolve()
+    if Path.cwd() != root:
+        os.chdir(root)
+    return str(root)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def repo_writer(params, root: Path | str, purpose: str, say=_say):
+    """The project's DVC writer lock (pixelops.repo_lock), waiting up to server.repo_lock_timeout_s."""
+    from pixelops.repo_lock import writer_lock
+
+    return writer_lock(root, purpose=purpose, timeout_s=params.server.repo_lock_timeout_s, say=say)
+
+
 def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True, **run_kwargs) -> StageOutcome:
     """Skip `stage` if DVC says it is up to date, else run `tasks.<stage>.run(params)` and commit.
 
@@ -55,10 +81,12 @@ def run_stage(stage: str, params, *, root: Path | str = ".", record: bool = True
     go to the stage's run() (the Prefect flow's per-trial task wrapper for tune).
     """
     t0 = time.perf_counter()
-    if record and is_up_to_date(stage, root):
-        return StageOutcome(stage, True, time.perf_counter() - t0)
-    result = stage_module(stage).run(params, **run_kwargs)
-    if record:
+    if not record:
+        return StageOutcome(stage, False, time.perf_counter() - t0, stage_module(stage).run(params, **run_kwargs))
+    with repo_writer(params, root, f"stage {stage} (pid {os.getpid()})"):
+        if is_up_to_date(stage, root):
+            return StageOutcome(stage, True, time.perf_counter() - t0)
+        result = stage_module(stage).run(params, **run_kwargs)
         commit_stage(stage, root)
         if stage == "ingest":
             from pixelops.versions import sync_registry

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,10 +137,17 @@ def _columns(schema: pa.Schema) -> dict[str, list]:
     return {f.name: [] for f in schema}
 
 
+# The gate as a caller may supply it: (root read, listed items, indices not in the facts cache)
+# -> (index, facts or rejection, sha256) for each of those indices, in any order.
+Check = Callable[[Path, list, list[int]], Iterable[tuple[int, gate.ImageFacts | gate.Rejection, str]]]
+
+
 def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None = None,
-           registry: Path | None = None) -> IngestResult:
+           registry: Path | None = None, check: Check | None = None) -> IngestResult:
     """Read `source` into a new dataset version under `out_dir` (published atomically).
 
+    `check` replaces the local gate (`gate.check_many`) for the images not in the facts cache;
+    tasks/ingest_shards.py passes one that gates shards elsewhere (Dask workers) from the root.
     Returns the version id, counts and paths. Raises IngestError (or SourceError / ArchiveError
     from the readers) with the file, row and rule; then nothing is published.
     """
@@ -161,7 +169,8 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
         extracted = stage in Path(root).parents  # extracted files are new each run: not cached
         fresh = FactsCache()
         info = _build(dataset, stage, params, source_label=str(source.path),
-                      cache=FactsCache() if extracted else cache, fresh=FactsCache() if extracted else fresh)
+                      cache=FactsCache() if extracted else cache, fresh=FactsCache() if extracted else fresh,
+                      check=(lambda items, todo: check(Path(root), items, todo)) if check else None)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -194,9 +203,10 @@ def _result(info: dict, out_dir: Path) -> IngestResult:
     )
 
 
-def _gate(items: list, params: IngestParams, cache: FactsCache, fresh: FactsCache):
+def _gate(items: list, params: IngestParams, cache: FactsCache, fresh: FactsCache, check=None):
     """(index, facts or rejection, sha256) for every item; files unchanged since a cached ingest
-    are neither decoded nor hashed again. `fresh` collects this run's files (the next cache)."""
+    are neither decoded nor hashed again. `fresh` collects this run's files (the next cache).
+    `check(items, indices)`, when given, gates the rest instead of the local process pool."""
     work = []
     for i, item in enumerate(items):
         hit = cache.lookup(item.path) if item.path is not None else None
@@ -205,8 +215,9 @@ def _gate(items: list, params: IngestParams, cache: FactsCache, fresh: FactsCach
             yield i, gate.ImageFacts(**hit[1]), hit[0]
         else:
             work.append((i, item.path if item.path is not None else item.data))
-    for index, outcome, digest in gate.check_many(work, max_pixels=params.max_pixels,
-                                                   timeout_s=params.decode_timeout_s, workers=params.workers):
+    outcomes = check(items, [i for i, _ in work]) if check else gate.check_many(
+        work, max_pixels=params.max_pixels, timeout_s=params.decode_timeout_s, workers=params.workers)
+    for index, outcome, digest in outcomes:
         path = items[index].path
         if path is not None and isinstance(outcome, gate.ImageFacts):
             fresh.remember(path, digest, asdict(outcome))
@@ -224,7 +235,7 @@ def _progress(results, total: int, every: int = 10_000):
 
 
 def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cache: FactsCache,
-           fresh: FactsCache) -> dict:
+           fresh: FactsCache, check=None) -> dict:
     """Gate every item, store accepted images by content, write the tables into `stage`."""
     items = list(dataset.items)
     if not items:
@@ -234,7 +245,7 @@ def _build(dataset, stage: Path, params: IngestParams, *, source_label: str, cac
     stored: set[str] = set()
     for i in range(256):  # content-addressed fan-out folders, made once rather than per image
         (stage / "images" / f"{i:02x}").mkdir(exist_ok=True)
-    for index, outcome, digest in sorted(_progress(_gate(items, params, cache, fresh), len(items)),
+    for index, outcome, digest in sorted(_progress(_gate(items, params, cache, fresh, check), len(items)),
                                          key=lambda r: r[0]):
         item = items[index]
         if isinstance(outcome, gate.Rejection):

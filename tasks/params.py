@@ -343,6 +343,14 @@ class ExportParams(_Strict):
         return self
 
 
+class ServerParams(_Strict):
+    """The Prefect server `pixelops serve` starts (tasks never read this), and the DVC writer lock."""
+    host: str = "127.0.0.1"  # loopback by default: anything else exposes the API (see README, auth)
+    port: int = Field(default=4200, ge=1, le=65535)
+    startup_timeout_s: float = Field(default=120, gt=0)
+    repo_lock_timeout_s: float = Field(default=3600, ge=0)  # how long a run waits for another's DVC writes
+
+
 class Params(_Strict):
     seed: int = 0
     paths: PathsParams = PathsParams()
@@ -354,6 +362,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    server: ServerParams = ServerParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -370,17 +379,23 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of `raw` with each `a.b.c=value` override set (the key path must exist)."""
+def apply_overrides(raw: dict, overrides: list[str], *, create: bool = False) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` override set.
+
+    The key path must exist in `raw`, unless `create` (keys the file leaves to the model's
+    defaults; the typed models still reject unknown ones when the result is validated).
+    """
     out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for text in overrides:
         keys, value = parse_override(text)
         node = out
         for i, k in enumerate(keys[:-1]):
+            if create and node.get(k) is None:
+                node[k] = {}
             if not isinstance(node.get(k), dict):
                 raise ParamsError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section of params.yaml")
             node = node[k]
-        if keys[-1] not in node:
+        if keys[-1] not in node and not create:
             raise ParamsError(f"override {text!r}: unknown key {'.'.join(keys)}; known here: {sorted(node)}")
         node[keys[-1]] = value
     return out

@@ -27,10 +27,10 @@ def harness():
 
 
 def test_gpu_guard_off_on_cpu(tmp_path):
-    from flows.tune import _ensure_gpu_limit
+    from flows.concurrency import ensure_gpu_limit
 
     p = tiny_params(tmp_path, ["train.device=cpu"])
-    assert _ensure_gpu_limit(p) is False  # no client call, no concurrency limit on CPU
+    assert ensure_gpu_limit(p) is False  # no client call, no concurrency limit on CPU
 
 
 def test_tune_flow_two_workers_report_to_one_server(harness, curated, tmp_path, monkeypatch):  # noqa: F811

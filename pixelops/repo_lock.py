@@ -1,0 +1,125 @@
+"""One writer at a time to a project's DVC repository, with a wait message instead of DVC's lock error.
+
+DVC takes its own lock only while one command runs, so two runs (a flow from the UI and a
+`pixelops run` in a shell, or two flow runs) interleave: one commits a stage while the other
+rewrites params.yaml or the outputs under it, and DVC answers the loser with "Unable to acquire
+lock". Everything in PixelOps that writes outputs and commits them (a pipeline flow run, a
+single stage, `pixelops run` around `dvc repro`) holds this lock for the whole of its work:
+
+    with writer_lock(root, purpose="pipeline flow run 3f2a...", timeout_s=3600):
+        ...
+
+The lock is `fcntl.flock` on `.dvc/tmp/pixelops-writer.lock`: the kernel releases it when the
+holder dies, so a SIGKILLed run never leaves a stale lock. The file holds who has it (pid,
+host, purpose, since), which the waiting side prints. Within one process the lock is
+re-entrant (a flow run holds it, its stage tasks in worker threads pass through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOCK_NAME = "pixelops-writer.lock"
+
+
+class RepoBusy(RuntimeError):
+    """Another run kept the project's DVC repository longer than the wait allowed."""
+
+
+_held: dict[str, int] = {}  # lock path -> depth, for re-entry from this process's threads
+_guard = threading.Lock()
+
+
+def lock_path(root: Path | str) -> Path:
+    root = Path(root).resolve()
+    # Beside DVC's own lock when there is a repository; a bare folder (a sweep run outside DVC)
+    # gets a dot-file rather than a `.dvc/` that would make DVC take it for a repository.
+    return root / ".dvc" / "tmp" / LOCK_NAME if (root / ".dvc").is_dir() else root / f".{LOCK_NAME}"
+
+
+def holder(root: Path | str) -> dict | None:
+    """Who holds (or last held) the lock, as written by the holder; None when never taken."""
+    try:
+        return json.loads(lock_path(root).read_text() or "null")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _describe(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} ({info.get('purpose')}, since {info.get('since')})"
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path | str, *, purpose: str, timeout_s: float = 3600, poll_s: float = 0.5,
+                say: Callable[[str], None] = print, say_every_s: float = 60) -> Iterator[None]:
+    """Hold the project's writer lock; wait up to `timeout_s` (0: fail at once), saying why."""
+    path = lock_path(root)
+    key = str(path)
+    with _guard:
+        if _held.get(key):
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _guard:
+                _held[key] -= 1
+        return
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, root, purpose=purpose, timeout_s=timeout_s, poll_s=poll_s, say=say, say_every_s=say_every_s)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        with _guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _guard:
+                _held.pop(key, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, root, *, purpose: str, timeout_s: float, poll_s: float, say, say_every_s: float) -> None:
+    t0 = time.monotonic()
+    said_at = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if said_at is not None:
+                say(f"{purpose}: the DVC repository is free after {time.monotonic() - t0:.0f}s; going on")
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - t0
+        other = _describe(holder(root))
+        if waited >= timeout_s:
+            raise RepoBusy(
+                f"{Path(root).resolve()}: the DVC repository is busy: {other} is writing to it, and "
+                f"{purpose} waited {waited:.0f}s (server.repo_lock_timeout_s={timeout_s:g}). Nothing was "
+                "changed. Re-run when that run has finished, or raise the timeout to queue behind it.")
+        if said_at is None or time.monotonic() - said_at >= say_every_s:
+            say(f"{purpose}: waiting for the DVC repository: {other} is writing to it "
+                f"(waited {waited:.0f}s of {timeout_s:g}s)")
+            said_at = time.monotonic()
+        time.sleep(poll_s)

@@ -1,0 +1,149 @@
+"""The project's Prefect server: started on 127.0.0.1 in the background, stopped by its PID.
+
+    pixelops server start | stop | status
+
+It is Prefect's own server (`prefect server start`), with the project's state (`PREFECT_HOME`,
+by default .prefect/) and `server:` in params.yaml for host and port. The process runs in a
+session of its own and is recorded in `$PREFECT_HOME/pixelops-server.json` (pid, url, log), so
+`stop` ends it and everything it started, and `start` is a no-op when it already answers.
+
+Binding: 127.0.0.1 unless params.yaml says otherwise. The API has no authentication of its
+own; before exposing it, set `PREFECT_SERVER_API_AUTH_STRING` (e.g. `admin:<secret>`) in the
+server's environment and `PREFECT_API_AUTH_STRING` in every client's. Secrets never go into
+params.yaml, which is tracked by git.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "pixelops-server.json"
+
+
+class ServerError(RuntimeError):
+    """The Prefect server did not start or stop as asked."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    pid: int
+    url: str  # the API, e.g. http://127.0.0.1:4200/api
+    log: str
+
+    @property
+    def ui(self) -> str:
+        return self.url.removesuffix("/api")
+
+
+def _home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", ".prefect")).resolve()
+
+
+def _state_path() -> Path:
+    return _home() / STATE_FILE
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """The server answers its (always unauthenticated) health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) still "exists" for kill(0).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def status() -> ServerInfo | None:
+    """The running server this project started, or None (a stale record is removed)."""
+    path = _state_path()
+    try:
+        info = ServerInfo(**json.loads(path.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+    if not _alive(info.pid):
+        path.unlink(missing_ok=True)
+        return None
+    return info
+
+
+def start(host: str = "127.0.0.1", port: int = 4200, *, timeout_s: float = 120) -> tuple[ServerInfo, bool]:
+    """Start the server unless this project's is already up; (info, started_now)."""
+    running = status()
+    if running:
+        return running, False
+    url = f"http://{host}:{port}/api"
+    if healthy(url):
+        raise ServerError(f"{url} already answers, but not as this project's server ({_state_path()} "
+                          "has no record of it): stop the other server or set server.port in params.yaml")
+    home = _home()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)  # the server itself must not be a client of another
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True)  # its own process group: stop() ends the server and its children
+    info = ServerInfo(pid=proc.pid, url=url, log=str(log))
+    deadline = time.monotonic() + timeout_s
+    while not healthy(url):
+        if proc.poll() is not None:
+            raise ServerError(f"the Prefect server exited with code {proc.returncode} while starting; "
+                              f"its log: {log}")
+        if time.monotonic() > deadline:
+            _terminate(proc.pid)
+            raise ServerError(f"the Prefect server did not answer {url}/health within {timeout_s:g}s "
+                              f"(server.startup_timeout_s); its log: {log}")
+        time.sleep(0.5)
+    tmp = _state_path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(info.__dict__))
+    os.replace(tmp, _state_path())
+    return info, True
+
+
+def _terminate(pid: int, grace_s: float = 20) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # children that outlived the leader too
+    except ProcessLookupError:
+        pass
+
+
+def stop() -> ServerInfo | None:
+    """Stop this project's server (and its process group); the info of what was stopped, or None."""
+    info = status()
+    if info is None:
+        return None
+    _terminate(info.pid)
+    _state_path().unlink(missing_ok=True)
+    return info
