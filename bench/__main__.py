@@ -27,6 +27,7 @@ BENCHMARKS = {
     "detection": "detection training and evaluation (bench/detection.py)",
     "tune": "a sweep with median/hyperband pruning vs none: epochs ratio, best val gap, Optuna overhead",
     "export": "TorchScript, ONNX, int8 ONNX vs PyTorch eager: 1-image latency, batch-64 images/s, test accuracy",
+    "scaleout": "Dask-sharded ingest 2 workers vs 1 (small PNGs, large JPEGs); torchrun DDP 2 processes vs 1",
 }
 
 

@@ -1,7 +1,9 @@
 """Sharded ingest on a local Dask cluster: 2 workers vs 1 worker vs the plain one-process stage.
 
-One real source, written once into a temp folder (not timed): `n_images` Fashion-MNIST images
-as 28×28 PNG files in an image-folder tree (bench/ingest.py's layout). In this run, each into
+Two real sources, each written once into a temp folder (not timed), in image-folder layout
+(bench/ingest.py's trees): `fmnist`, Fashion-MNIST images as 28×28 PNG files (decoding is
+nearly free; listing and storing dominate), and `photos`, 1024×768 JPEG crops of the NEON aerial
+images that deepforest ships (decoding dominates, as with camera images). In one run, each into
 its own output folder, no facts cache shared between them:
   plain    tasks.ingest.ingest, the gate in its own process pool (`ingest.workers: 0`, one per core)
   dask-1   tasks.ingest_shards with flows/ingest.py's shard tasks on a 1-worker Dask cluster
@@ -25,12 +27,12 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
-def bench_ingest(n_images: int = 20000) -> dict:
-    """Seconds and ratios for plain vs Dask 1 vs Dask 2 workers on `n_images` real PNG files."""
+def bench_ingest(n_images: int = 20000, kind: str = "fmnist") -> dict:
+    """Seconds and ratios for plain vs Dask 1 vs Dask 2 workers on `n_images` real image files."""
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from bench.ingest import _fmnist_tree
+    from bench.ingest import _fmnist_tree, _jpeg_tree
     from flows import ingest as ingest_flows
     from tasks.ingest import IngestResult, ingest
     from tasks.ingest_shards import ingest_sharded
@@ -47,11 +49,11 @@ def bench_ingest(n_images: int = 20000) -> dict:
 
     # The test harness starts a throwaway Prefect server before anything is timed, so no run pays
     # for the server's start-up, and benchmark runs stay out of the project's flow history.
-    out: dict = {"cores": os.cpu_count(), "images": n_images, "seconds": {}, "versions": {}}
+    out: dict = {"cores": os.cpu_count(), "source": kind, "images": n_images, "seconds": {}, "versions": {}}
     with tempfile.TemporaryDirectory(prefix="pixelops-bench-scaleout-") as tmp, \
             prefect_test_harness(server_startup_timeout=120):
         tmp = Path(tmp)
-        _fmnist_tree(tmp / "src", n_images)
+        (_fmnist_tree if kind == "fmnist" else _jpeg_tree)(tmp / "src", n_images)
         src = SourceParams(path=tmp / "src", format="image-folder", classes=None)
         params = IngestParams(source=src, max_bad_fraction=0.0, workers=0)
 
@@ -83,6 +85,11 @@ def bench_ingest(n_images: int = 20000) -> dict:
 def run(size: int | None = None) -> dict:
     """The `python -m bench scaleout_ingest [--size N]` door."""
     return bench_ingest(size or 20000)
+
+
+def both(fmnist: int = 20000, photos: int = 2000) -> dict:
+    """Small images (listing-bound) and large photos (decode-bound), for bench/scaleout.py."""
+    return {"fmnist": bench_ingest(fmnist, "fmnist"), "photos": bench_ingest(photos, "photos")}
 
 
 if __name__ == "__main__":

@@ -249,3 +249,25 @@ def test_gpu_limit_serializes_model_tasks(tmp_path, slots):
         spans = sorted(two_trainings())
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 0.05  # one at a time
+
+
+def test_serve_alone_starts_the_server_and_stops_it_after_serving(tmp_path):
+    """`pixelops serve` with no server up: starts one, and on SIGTERM stops serving, then it."""
+    port = _free_port()
+    project = _project(tmp_path, "project", port)
+    home = tmp_path / "prefect-home"
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "pixelops.cli", "serve"], cwd=project, env=_env(home),
+                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        info = _wait_for("the server record", lambda: (home / server.STATE_FILE).is_file() and _server_info(home))
+        with _client(info.url) as client:
+            _wait_for("4 served deployments", lambda: len(client.read_deployments()) == 4)
+        assert psutil.pid_exists(info.pid)
+    finally:
+        _stop(serve)
+    text = log.read_text()
+    assert serve.returncode is not None and "Prefect server started" in text
+    assert f"Prefect server stopped (pid {info.pid})" in text  # after serving ended, in serve's finally
+    assert not server.healthy(info.url)
+    assert not (home / server.STATE_FILE).exists()
