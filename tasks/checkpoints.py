@@ -13,10 +13,12 @@ never mixes two configurations. One run per key at a time.
 
 A checkpoint holds everything the next epoch depends on: model, optimizer and LR schedule
 states, the data-order / augmentation generator, torch's global RNG (dropout), CUDA's RNG on
-a GPU, the best score and weights so far, the history, and with `train.ema_decay` the EMA
-model's state (its early-stopping counter needs no entry: it is derived from the history). All of it is tensors and plain
-Python values, so it loads with `torch.load(weights_only=True)`. On CPU a resumed run ends with
-the same weights, bit for bit, as an uninterrupted one.
+a GPU, the best score and weights so far, the history, with `train.ema_decay` the EMA
+model's state (its early-stopping counter needs no entry: it is derived from the history), and
+in a data-parallel run (tasks.ddp) every rank's random streams under `ranks`; rank 0 alone
+writes it, every rank reads it on resume. All of it is tensors and plain Python values, so it
+loads with `torch.load(weights_only=True)`. On CPU a resumed run ends with the same weights,
+bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,19 +31,25 @@ from pathlib import Path
 
 import torch
 
+from tasks import ddp
 from tasks.io import atomic_write_bytes, sha256_file
 from tasks.params import TrainParams
 
 FORMAT = 1
 # The code whose change could change a run's numbers: part of the run key.
 SOURCES = ("train.py", "checkpoints.py", "recipe.py", "models.py", "data.py", "augment.py", "lora.py",
-           "weights.py")
+           "weights.py", "ddp.py")
 _KEYS = {"format", "run_key", "epoch", "model", "optimizer", "scheduler", "generator", "torch_rng",
          "best", "best_state", "history"}
 
 
-def run_key(curate_dir: Path, params: TrainParams, *, seed: int, weights_sha256: str | None) -> str:
-    """16 hex digits naming one training configuration on one curated version (content only)."""
+def run_key(curate_dir: Path, params: TrainParams, *, seed: int, weights_sha256: str | None,
+            world_size: int = 1) -> str:
+    """16 hex digits naming one training configuration on one curated version (content only).
+
+    world_size: data-parallel processes (tasks.ddp); other than 1 it is part of the key, since the
+    shards, per-rank BatchNorm and RNG streams change the numbers (1 keeps the key it always had).
+    """
     curate_dir = Path(curate_dir)
     h = hashlib.sha256()
     for path in (curate_dir / "manifest.parquet", curate_dir / "curation.json"):
@@ -50,6 +58,8 @@ def run_key(curate_dir: Path, params: TrainParams, *, seed: int, weights_sha256:
     here = Path(__file__).parent
     identity = {"train": config, "seed": seed, "weights_sha256": weights_sha256, "torch": torch.__version__,
                 "code": {name: sha256_file(here / name) for name in SOURCES}}
+    if world_size != 1:
+        identity["world_size"] = world_size
     h.update(json.dumps(identity, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -85,10 +95,12 @@ def save(folder: Path, state: dict, *, keep: int) -> Path:
 
 def capture(*, epoch: int, run_key: str, model, optimizer, scheduler, generator: torch.Generator,
             best: float, best_state: dict | None, history: list[dict], device: torch.device,
-            ema=None) -> dict:
+            ema=None, ranks: list[dict] | None = None) -> dict:
     """Everything the epochs after `epoch` depend on, as weights_only-loadable values.
 
-    ema: the AveragedModel of `train.ema_decay`, or None (no entry).
+    ema:   the AveragedModel of `train.ema_decay`, or None (no entry).
+    ranks: in a data-parallel run, every rank's `rng_states()` by rank (each rank draws its own
+           augmentation and dropout); None in a single process (no entry).
     """
     state = {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -98,7 +110,17 @@ def capture(*, epoch: int, run_key: str, model, optimizer, scheduler, generator:
         state["ema"] = ema.state_dict()
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if ranks is not None:
+        state["ranks"] = ranks
     return state
+
+
+def rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    """This process's random streams (data-parallel runs gather one per rank into `capture`)."""
+    states = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
 
 
 def _shapes(tensors: dict) -> dict:
@@ -146,17 +168,21 @@ def load_latest(folder: Path, *, key: str, model, epochs: int,
 
 
 def restore(state: dict, *, model, optimizer, scheduler, generator: torch.Generator,
-            device: torch.device, ema=None) -> tuple[int, float, dict, list[dict]]:
-    """Put a checkpoint's states back (the EMA model's too, when given); returns (epoch, best, best_state, history)."""
+            device: torch.device, ema=None, rank: int = 0) -> tuple[int, float, dict, list[dict]]:
+    """Put a checkpoint's states back (the EMA model's too, when given); returns (epoch, best, best_state, history).
+
+    rank: in a data-parallel run, whose random streams to restore from the checkpoint's `ranks`.
+    """
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    streams = state["ranks"][rank] if "ranks" in state else state
+    generator.set_state(streams["generator"])
+    torch.set_rng_state(streams["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in streams:
+        torch.cuda.set_rng_state(streams["cuda_rng"], device)
     return state["epoch"], state["best"], state["best_state"], list(state["history"])
 
 
@@ -167,3 +193,28 @@ def discard_after(folder: Path, epoch: int) -> None:
             path.unlink(missing_ok=True)
     for tmp in Path(folder).glob(".epoch-*.tmp"):  # left by a process killed mid-write
         tmp.unlink(missing_ok=True)
+
+
+def resume(folder: Path, key: str, *, params: TrainParams, model, opt, sched, gen: torch.Generator,
+           device: torch.device, ema=None, world: ddp.World | None = None) -> tuple[int, float, dict | None, list]:
+    """(start epoch, best, best_state, history) of tasks.train: from the newest valid checkpoint, or fresh.
+
+    With `params.resume`, rank 0 picks the checkpoint (`load_latest`) and every rank restores
+    that same file, its own random streams included; rank 0 alone deletes later ones.
+    """
+    world = world or ddp.World()
+    state, path = None, None
+    if params.resume and world.main:
+        state, path = load_latest(folder, key=key, model=model, epochs=params.epochs, ema=ema)
+    path = ddp.broadcast_object(path, world)  # every rank resumes from the file rank 0 chose
+    if path is not None and not world.main:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    start, best, best_state, history = 0, -1.0, None, []
+    if state is not None:
+        start, best, best_state, history = restore(state, model=model, optimizer=opt, scheduler=sched,
+                                                   generator=gen, device=device, ema=ema, rank=world.rank)
+        if world.main:
+            print(f"resuming after epoch {start}/{params.epochs} from {path}", flush=True)
+    if world.main:  # a fresh start must not keep an older run's later epochs
+        discard_after(folder, start)
+    return start, best, best_state, history

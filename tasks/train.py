@@ -25,6 +25,13 @@ Recipe (tasks.recipe): `train.optimizer` adamw or sgd (Nesterov, `train.momentum
 EMA of the weights, which is what is validated, selected and saved (and is checkpointed);
 `train.early_stopping_patience` stops after N epochs without a better val accuracy
 (model.json: `stopped_early_after_epoch`).
+
+Data-parallel (tasks.ddp): under `torchrun --nproc_per_node N -m tasks.train` the N processes
+train one DistributedDataParallel model (gloo on CPU, NCCL on GPUs). Each rank takes a disjoint
+DistributedSampler shard; the global batch stays `train.batch_size` (batch_size / N per rank,
+which must divide), so the LR schedule has the same steps as in one process. Validation is
+sharded and its counts summed; rank 0 alone writes checkpoints, model.pt and model.json
+(`distributed`: world size, backend, per-rank batch, SyncBatchNorm) and calls `on_epoch`.
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks import checkpoints, recipe
+from tasks import checkpoints, ddp, recipe
 from tasks.augment import build_train_augment
 from tasks.data import (
     Normalize,
@@ -129,17 +137,12 @@ def _save_weights(path: Path, state_dict: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())  # temp + fsync + rename: never half-written
 
 
-def _resume(run_dir: Path, key: str, *, params: TrainParams, model, opt, sched, gen, device, ema):
-    """(start epoch, best, best_state, history): from the newest valid checkpoint, or fresh."""
-    state, path = (checkpoints.load_latest(run_dir, key=key, model=model, epochs=params.epochs, ema=ema)
-                   if params.resume else (None, None))
-    start, best, best_state, history = 0, -1.0, None, []
+def _end_epoch(run_dir: Path | None, state: dict | None, *, keep: int, on_epoch, entry: dict) -> None:
+    """Rank 0's end of an epoch: write its checkpoint, then report it (which may stop the run)."""
     if state is not None:
-        start, best, best_state, history = checkpoints.restore(
-            state, model=model, optimizer=opt, scheduler=sched, generator=gen, device=device, ema=ema)
-        print(f"resuming after epoch {start}/{params.epochs} from {path}", flush=True)
-    checkpoints.discard_after(run_dir, start)  # a fresh start must not keep an older run's later epochs
-    return start, best, best_state, history
+        checkpoints.save(run_dir, state, keep=keep)
+    if on_epoch is not None:
+        on_epoch(entry)
 
 
 def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0,
@@ -156,14 +159,29 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                 once it is checkpointed, and on resume with each restored entry first, so a
                 caller sees every epoch once per call. What it raises stops the run (a sweep's
                 pruning); no model.pt is written then.
-    Returns a TrainResult. Raises ValueError when no train rows are left or the mode or recipe
-    does not fit.
+    Launched by torchrun with WORLD_SIZE > 1, it joins (or uses the caller's) process group and
+    trains data-parallel (module docstring). Every rank calls it with the same arguments (only
+    rank 0's `on_epoch` is called) and returns the same TrainResult; what `on_epoch` raises on
+    rank 0 is raised on every rank.
+    Returns a TrainResult. Raises ValueError when no train rows are left, the mode or recipe
+    does not fit, or `params.batch_size` does not divide over the ranks.
     """
     recipe.check_recipe(params)
+    world, created = ddp.init(resolve_device(params.device))
+    try:
+        return _train(Path(curate_dir), params=params, out_dir=Path(out_dir), seed=seed, cache_dir=cache_dir,
+                      on_epoch=on_epoch, world=world)
+    finally:
+        ddp.destroy(created)
+
+
+def _train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int, cache_dir: Path | None,
+           on_epoch: Callable[[dict], None] | None, world: ddp.World) -> TrainResult:
+    rank_batch = ddp.rank_batch_size(params.batch_size, world)
     t_start = time.perf_counter()
-    torch.set_num_threads(params.num_threads)
+    device = ddp.rank_device(resolve_device(params.device), world)
+    torch.set_num_threads(ddp.threads_per_rank(params.num_threads, world, device))
     torch.manual_seed(seed)
-    device = resolve_device(params.device)
     rows, classes, version, images_root = load_training_rows(Path(curate_dir))
     rows = rows[rows["split"] == "train"].reset_index(drop=True)
     if rows.empty:
@@ -190,8 +208,12 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast, bf16 = _autocast(device, params)
-    # The compiled module shares the parameters; checkpoints and saving use `model` itself.
-    forward = torch.compile(model) if params.compile else model
+    sync_bn = world.distributed and ddp.use_sync_batchnorm(device, rank_batch)
+    # DDP and the compiled module share the parameters; checkpoints and saving use `model` itself.
+    forward = ddp.wrap(model, world, device, sync_bn=sync_bn)
+    forward = torch.compile(forward) if params.compile else forward
+    if world.distributed:  # each rank its own dropout masks (the weights came from rank 0 above)
+        torch.manual_seed(ddp.rank_seed(seed, world))
     pinned = device.type == "cuda"
 
     steps_per_epoch = math.ceil(len(tr_idx) / params.batch_size)
@@ -200,29 +222,34 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
     opt = recipe.build_optimizer(trainable, params)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total, int(params.warmup_epochs * steps_per_epoch)))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(ddp.rank_seed(seed, world))  # rank 0 (one process): `seed`
     ema = recipe.build_ema(model, params.ema_decay)
     scored = ema.module if ema is not None else model  # what is validated, selected and saved
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:  # rank 0 alone writes
+        out_dir.mkdir(parents=True, exist_ok=True)
     run_dir, key, start, history, best, best_state = None, None, 0, [], -1.0, None
     if cache_dir is not None:
-        key = checkpoints.run_key(curate_dir, params, seed=seed, weights_sha256=spec.weights_sha256)
+        key = checkpoints.run_key(curate_dir, params, seed=seed, weights_sha256=spec.weights_sha256,
+                                  world_size=world.size)
         run_dir = checkpoints.run_dir(cache_dir, key)
-        start, best, best_state, history = _resume(run_dir, key, params=params, model=model, opt=opt,
-                                                   sched=sched, gen=gen, device=device, ema=ema)
-    for entry in history if on_epoch is not None else ():
-        on_epoch(entry)
+        start, best, best_state, history = checkpoints.resume(run_dir, key, params=params, model=model, opt=opt,
+                                                              sched=sched, gen=gen, device=device, ema=ema,
+                                                              world=world)
+    # Rank 0 replays the restored epochs; every rank joins (on_epoch may be None off rank 0).
+    ddp.on_main(lambda: [on_epoch(entry) for entry in history] if on_epoch is not None else None, world)
     t_train = time.perf_counter()
     for epoch in range(start, params.epochs):
         if recipe.should_stop(history, params.early_stopping_patience):  # also on resume: from history
             break
         set_train_mode(model)  # frozen parts' BatchNorm stays in eval mode
         t_epoch, loss_sum = time.perf_counter(), 0.0
-        order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
-        for step in range(steps_per_epoch):
-            idx = order[step * params.batch_size : (step + 1) * params.batch_size]
+        if world.distributed:
+            batches = ddp.shard_batches(tr_idx, epoch=epoch, seed=seed, batch_size=rank_batch, world=world)
+        else:
+            order = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
+            batches = [order[s * params.batch_size : (s + 1) * params.batch_size] for s in range(steps_per_epoch)]
+        for step, idx in enumerate(batches):
             x, y = augment(images[idx], labels[idx], generator=gen)  # y: soft targets with MixUp/CutMix
             if pinned:  # page-locked batches: the copies below overlap with the GPU's work
                 x, y = x.pin_memory(), y.pin_memory()
@@ -239,67 +266,82 @@ def train(curate_dir: Path, *, params: TrainParams, out_dir: Path, seed: int = 0
                 ema.update_parameters(model)
             sched.step()
             loss_sum += loss.item()
-            if (step + 1) % 100 == 0:
+            if (step + 1) % 100 == 0 and world.main:
                 rate = (step + 1) * params.batch_size / (time.perf_counter() - t_epoch)
                 print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_sum / (step + 1):.4f} "
                       f"{rate:.0f} img/s", flush=True)
-        entry = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
+        entry = {"epoch": epoch + 1, "train_loss": ddp.mean_over_ranks(loss_sum / steps_per_epoch, world),
                  "seconds": round(time.perf_counter() - t_epoch, 2)}
         if len(val_idx):
-            logits = predict_logits(scored, images[val_idx], eval_norm, batch_size=512, device=device,
+            ddp.sync_buffers(scored, world)  # score what rank 0 saves: its BatchNorm statistics
+            mine = val_idx[world.rank :: world.size]  # one process: all of val_idx
+            logits = predict_logits(scored, images[mine], eval_norm, batch_size=512, device=device,
                                     channels_last=params.channels_last, bf16=bf16)
-            entry["val_accuracy"] = float((logits.argmax(1) == labels[val_idx]).float().mean())
+            correct = logits.argmax(1) == labels[mine] if len(mine) else torch.zeros(0, dtype=torch.bool)
+            entry["val_accuracy"] = ddp.accuracy(correct, world)
+        entry = ddp.broadcast_object(entry, world)  # one history (rank 0's seconds) on all ranks
         history.append(entry)
-        print(f"epoch {epoch + 1}/{params.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in entry.items()
-                                                               if k != "epoch"), flush=True)
+        if world.main:
+            print(f"epoch {epoch + 1}/{params.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in entry.items()
+                                                                   if k != "epoch"), flush=True)
         score = entry.get("val_accuracy", epoch)  # without a val split: the last epoch
-        if score > best:
-            best, best_state = score, {k: v.detach().clone() for k, v in scored.state_dict().items()}
-        if run_dir is not None:
+        if score > best:  # the same entries on every rank: the same best epoch and early stop
+            best = score
+            best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()} if world.main else None
+        state = None
+        if run_dir is not None:  # every rank's random streams, for an exact resume of each
+            streams = ddp.all_gather_object(checkpoints.rng_states(gen, device), world) if world.distributed else None
             state = checkpoints.capture(epoch=epoch + 1, run_key=key, model=model, optimizer=opt, scheduler=sched,
                                         generator=gen, best=best, best_state=best_state, history=history,
-                                        device=device, ema=ema)
-            checkpoints.save(run_dir, state, keep=params.keep_checkpoints)
-        if on_epoch is not None:
-            on_epoch(entry)
+                                        device=device, ema=ema, ranks=streams) if world.main else None
+        ddp.on_main(partial(_end_epoch, run_dir, state, keep=params.keep_checkpoints, on_epoch=on_epoch,
+                            entry=entry), world)  # an exception there (pruning) stops every rank
 
     train_seconds = max(time.perf_counter() - t_train, 1e-9)
-    if lora_info is not None:
-        from tasks.lora import merged_state_dict
-
-        best_state = merged_state_dict(scored, best_state)  # plain torchvision keys: no peft to load it
-    _save_weights(out_dir / "model.pt", best_state)
     epochs_run = history[-1]["epoch"] if history else 0
-    n_seen = len(tr_idx) * max(0, epochs_run - start)  # images trained on in this process
-    meta = {
-        "spec": asdict(spec),
-        "classes": classes,
-        "dataset_version": version,
-        "curated_version": read_json(Path(curate_dir) / "curation.json").get("curated_version"),
-        "pretrained_from": spec.extra.get("pretrained_from"),
-        "n_train": len(tr_idx),
-        "n_val": len(val_idx),
-        "device": str(device),
-        "bf16": bf16,
-        "finetune": params.finetune,
-        "backbone_stages": {"total": finetune["stages"], "trainable": finetune["trainable_stages"]},
-        "parameters": lora_info["parameters"] if lora_info else count_parameters(model),
-        "lora": {k: v for k, v in lora_info.items() if k != "parameters"} if lora_info else None,
-        "augment": params.augment.model_dump(mode="json"),
-        "resumed_after_epoch": start or None,
-        "recipe": {"optimizer": params.optimizer, "grad_clip": params.grad_clip, "ema_decay": params.ema_decay,
-                   "early_stopping_patience": params.early_stopping_patience},
-        "train_params": params.model_dump(mode="json"),  # the whole recipe, for lineage and model cards
-        "stopped_early_after_epoch": epochs_run if epochs_run < params.epochs else None,
-        "checkpoint_dir": str(run_dir) if run_dir is not None else None,
-        "history": history,
-        "best_val_accuracy": best if len(val_idx) else None,
-        "seconds": {"load": round(t_loaded - t_start, 2), "train": round(train_seconds, 2),
-                    "total": round(time.perf_counter() - t_start, 2)},
-        "images_per_second": round(n_seen / train_seconds, 1),
-        "model_sha256": sha256_file(out_dir / "model.pt"),
-    }
-    atomic_write_json(out_dir / "model.json", meta)
+
+    def write_outputs() -> dict:  # rank 0 only; the metadata reaches every rank
+        weights = best_state
+        if lora_info is not None:
+            from tasks.lora import merged_state_dict
+
+            weights = merged_state_dict(scored, best_state)  # plain torchvision keys: no peft to load it
+        _save_weights(out_dir / "model.pt", weights)
+        n_seen = len(tr_idx) * max(0, epochs_run - start)  # images trained on in this run (all ranks)
+        meta = {
+            "spec": asdict(spec),
+            "classes": classes,
+            "dataset_version": version,
+            "curated_version": read_json(Path(curate_dir) / "curation.json").get("curated_version"),
+            "pretrained_from": spec.extra.get("pretrained_from"),
+            "n_train": len(tr_idx),
+            "n_val": len(val_idx),
+            "device": str(device),
+            "bf16": bf16,
+            "finetune": params.finetune,
+            "backbone_stages": {"total": finetune["stages"], "trainable": finetune["trainable_stages"]},
+            "parameters": lora_info["parameters"] if lora_info else count_parameters(model),
+            "lora": {k: v for k, v in lora_info.items() if k != "parameters"} if lora_info else None,
+            "augment": params.augment.model_dump(mode="json"),
+            "resumed_after_epoch": start or None,
+            "recipe": {"optimizer": params.optimizer, "grad_clip": params.grad_clip, "ema_decay": params.ema_decay,
+                       "early_stopping_patience": params.early_stopping_patience},
+            "train_params": params.model_dump(mode="json"),  # the whole recipe, for lineage and model cards
+            "stopped_early_after_epoch": epochs_run if epochs_run < params.epochs else None,
+            "checkpoint_dir": str(run_dir) if run_dir is not None else None,
+            "history": history,
+            "best_val_accuracy": best if len(val_idx) else None,
+            "seconds": {"load": round(t_loaded - t_start, 2), "train": round(train_seconds, 2),
+                        "total": round(time.perf_counter() - t_start, 2)},
+            "images_per_second": round(n_seen / train_seconds, 1),
+            "model_sha256": sha256_file(out_dir / "model.pt"),
+            "distributed": {"world_size": world.size, "backend": world.backend, "per_rank_batch_size": rank_batch,
+                            "sync_batchnorm": sync_bn} if world.distributed else None,
+        }
+        atomic_write_json(out_dir / "model.json", meta)
+        return meta
+
+    meta = ddp.on_main(write_outputs, world, share=True)
     return TrainResult(str(out_dir / "model.pt"), version, meta["best_val_accuracy"], epochs_run,
                        meta["seconds"]["total"], meta["images_per_second"])
 
@@ -336,9 +378,12 @@ def final_params(params: Params) -> tuple[TrainParams, dict | None]:
 
 def run(params: Params):
     """The stage: classification (train) or, for a detection version, Faster R-CNN
-    (tasks.detection.train_detection) with `train.detection`."""
+    (tasks.detection.train_detection) with `train.detection`. Under torchrun, rank 0 alone writes."""
     out_dir, curate_dir = params.paths.data / "train", params.paths.data / "curate"
     if dataset_task(curate_dir) == "detection":
+        if ddp.launched():
+            raise ValueError("data-parallel training (torchrun, WORLD_SIZE > 1) covers classification only; "
+                             f"{curate_dir} is a detection version: run `python -m tasks.train` in one process")
         from tasks.detection import train_detection
 
         result = train_detection(curate_dir, params=params.train, out_dir=out_dir, seed=params.seed,
@@ -346,10 +391,11 @@ def run(params: Params):
     else:
         recipe, best = final_params(params)
         result = train(curate_dir, params=recipe, out_dir=out_dir, seed=params.seed, cache_dir=params.paths.cache)
-        if best is not None:  # the model names the sweep and trial it came from
+        if best is not None and ddp.is_main():  # the model names the sweep and trial it came from
             meta = read_json(out_dir / "model.json")
             atomic_write_json(out_dir / "model.json", {**meta, "tuned_from": best})
-    dump_resolved(params, out_dir / "params.resolved.yaml")
+    if ddp.is_main():
+        dump_resolved(params, out_dir / "params.resolved.yaml")
     return result
 
 
@@ -361,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     r = run(load_params(overrides=argv or []))
     score = (f"best val accuracy {r.best_val_accuracy}" if isinstance(r, TrainResult)
              else f"test mAP@.50 {(r.test or {}).get('map_50')}")
-    print(f"trained on {r.version}: {score}, {r.seconds:.0f}s, {r.images_per_second:.0f} img/s → {r.model_path}")
+    if ddp.is_main():
+        print(f"trained on {r.version}: {score}, {r.seconds:.0f}s, {r.images_per_second:.0f} img/s → {r.model_path}")
     return 0
 
 
