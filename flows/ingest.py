@@ -17,6 +17,7 @@ Run:  python -m flows.ingest [--root .] [--dask-workers 2]
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,10 @@ def dask_runner(n_workers: int):
     one thread each, loopback only, no dashboard (the scheduler's health endpoint stays on loopback)."""
     from prefect_dask import DaskTaskRunner
 
+    # distributed logs every worker start and stop at INFO; keep its warnings and errors only
+    # (the environment variable reaches the worker processes, which read it at start-up).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
                                           "host": "127.0.0.1", "dashboard_address": None})
 
