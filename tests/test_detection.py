@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from defusedxml.ElementTree import parse as defused_parse
 from PIL import Image
 
 from tasks import detection as det
@@ -33,7 +33,7 @@ TEST_IMAGE = "OSBS_029"                                # 400×400 px, 61 crowns
 
 def _voc_boxes(stem: str) -> np.ndarray:
     """The XML's boxes as the VOC reader stores them: (xmin - 1, ymin - 1, xmax, ymax)."""
-    root = ET.parse(DEEPFOREST / f"{stem}.xml").getroot()
+    root = defused_parse(DEEPFOREST / f"{stem}.xml").getroot()
     raw = [[float(o.find(f"bndbox/{t}").text) for t in ("xmin", "ymin", "xmax", "ymax")] for o in root.iter("object")]
     return np.asarray(raw) - np.array([1, 1, 0, 0])
 
