@@ -170,7 +170,22 @@ def cmd_checkout(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from pixelops.integrity import verify
+    from tasks.params import load_params
+
+    report = verify(load_params(), repair=args.repair)
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
 def cmd_push(args) -> int:
+    from pixelops.integrity import verify
+    from tasks.params import load_params
+
+    report = verify(load_params())  # a remote copy of a corrupted object would spread it
+    if not report.ok:
+        raise RuntimeError(f"not pushing: {report.describe()}")
     rc = subprocess.call([sys.executable, "-m", "dvc", "push", *args.stages], env=_subprocess_env())
     if rc != 0:
         raise RuntimeError(f"dvc push failed (exit {rc}); check the remote in .dvc/config (`dvc remote list`)")
@@ -273,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("checkout", help="make an earlier dataset version current (from DVC's cache)")
     co.add_argument("version")
     co.set_defaults(func=cmd_checkout)
+    ver = sub.add_parser("verify", help="rehash DVC's cache objects the project uses; --repair restores bad ones")
+    ver.add_argument("--repair", action="store_true",
+                     help="move corrupted objects to .dvc/tmp/corrupt/, restore from the workspace or the remote")
+    ver.set_defaults(func=cmd_verify)
     push = sub.add_parser("push", help="push outputs to the DVC remote (default: every stage)")
     push.add_argument("stages", nargs="*", help="stages to push, e.g. ingest")
     push.set_defaults(func=cmd_push)

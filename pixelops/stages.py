@@ -44,10 +44,46 @@ def is_up_to_date(stage: str, root: Path | str = ".") -> bool:
         return not repo.status(targets=[stage])
 
 
+class NotRecorded(RuntimeError):
+    """DVC could not copy a stage's outputs into its cache; dvc.lock keeps its previous record."""
+
+
 def commit_stage(stage: str, root: Path | str = ".") -> None:
-    """Record the stage's current deps/params/outs in dvc.lock (what `dvc repro` would write)."""
-    with _repo(root) as repo:
-        repo.commit(stage, force=True)
+    """Record the stage's current deps/params/outs in dvc.lock (what `dvc repro` would write).
+
+    DVC's commit logs a file it failed to copy into the cache (a full disk) and still writes
+    dvc.lock, which would then record outputs DVC cannot restore or push. So every output object
+    is checked to be in the cache afterwards; if one is not, dvc.lock is put back as it was.
+    """
+    import shutil
+
+    from pixelops.integrity import objects_of, stage_outs
+
+    lock = Path(root) / "dvc.lock"
+    # A copy taken before, put back by rename: restoring must not need space on a full disk.
+    backup = lock.with_name(".dvc.lock.before-commit")
+    if lock.is_file():
+        shutil.copyfile(lock, backup)
+    try:
+        with _repo(root) as repo:
+            repo.commit(stage, force=True)
+            missing = [o for o in objects_of(repo, stage_outs(Path(root), stage)) if not o.cache_path.is_file()]
+    except BaseException:
+        _put_back(backup, lock)
+        raise
+    if missing:
+        _put_back(backup, lock)
+        raise NotRecorded(f"stage {stage}: DVC could not copy {len(missing)} output file(s) into its cache "
+                          f"(e.g. {missing[0].workspace}; a full disk? its error is above), so dvc.lock keeps the "
+                          "previous record; free space and re-run")
+    backup.unlink(missing_ok=True)
+
+
+def _put_back(backup: Path, lock: Path) -> None:
+    if backup.is_file():
+        backup.replace(lock)
+    else:  # there was no dvc.lock before
+        lock.unlink(missing_ok=True)
 
 
 def enter_project(root: Path | str) -> str:

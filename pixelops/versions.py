@@ -57,6 +57,7 @@ def list_versions(params, root: Path | str = ".") -> list[dict]:
 
 
 def _restore_tree(repo, md5: str, dest: Path) -> None:
+    from dvc_data.hashfile.checkout import CheckoutError
     from dvc_data.hashfile.checkout import checkout as checkout_tree
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
@@ -67,7 +68,20 @@ def _restore_tree(repo, md5: str, dest: Path) -> None:
     except FileNotFoundError:
         raise VersionError(f"DVC's cache has no copy of tree {md5}: fetch it from the remote "
                            "(`git checkout <commit> dvc.lock && dvc pull ingest`) and retry") from None
-    checkout_tree(str(dest), repo.fs, tree, odb, force=True, quiet=True)
+    # DVC copies cache files without rehashing them: a corrupted object must not become the version.
+    from pixelops.integrity import md5_file
+
+    for key, _, hash_info in tree:
+        obj = Path(odb.oid_to_path(hash_info.value))
+        if obj.is_file() and (got := md5_file(obj)) != hash_info.value:
+            raise VersionError(f"DVC's cache object {obj} (for {'/'.join(key)}) is corrupted: md5 {got}, expected "
+                               f"{hash_info.value}. The current version is unchanged; run `pixelops verify --repair`, "
+                               "then check out again")
+    try:
+        checkout_tree(str(dest), repo.fs, tree, odb, force=True, quiet=True)
+    except CheckoutError as e:
+        raise VersionError(f"DVC could not restore tree {md5} from its cache ({e}): run `pixelops verify --repair` "
+                           "(it fetches missing objects from the remote), then check out again") from None
 
 
 def checkout(version: str, params, root: Path | str = ".") -> dict:
@@ -94,7 +108,11 @@ def checkout(version: str, params, root: Path | str = ".") -> dict:
     staging = out_dir.with_name(f".{out_dir.name}.checkout")
     shutil.rmtree(staging, ignore_errors=True)
     with Repo(str(root)) as repo:
-        _restore_tree(repo, entry["dvc_md5"], staging)
+        try:
+            _restore_tree(repo, entry["dvc_md5"], staging)
+        except VersionError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         got = json.loads((staging / "version.json").read_text())["version"]
         if got != version:
             shutil.rmtree(staging)

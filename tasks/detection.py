@@ -377,7 +377,7 @@ def load_detector(model_dir: Path) -> tuple[nn.Module, DetectorSpec, dict]:
     """(model, spec, meta) from a train output folder; weights loaded with weights_only=True."""
     meta = read_json(Path(model_dir) / "model.json")
     spec = DetectorSpec(**meta["spec"])
-    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    state = checkpoints.load_file(Path(model_dir) / "model.pt", sha256=meta.get("model_sha256"))["state_dict"]
     return rebuild_detector(spec, state), spec, meta
 
 

@@ -38,6 +38,7 @@ from tasks.ingest_cache import FactsCache, is_unchanged, source_fingerprint
 from tasks.io import (
     ANNOTATION_SCHEMA,
     MANIFEST_SCHEMA,
+    NO_SPACE,
     atomic_write_json,
     atomic_write_text,
     save_table,
@@ -171,8 +172,12 @@ def ingest(source: SourceParams, *, out_dir: Path, params: IngestParams | None =
         info = _build(dataset, stage, params, source_label=str(source.path),
                       cache=FactsCache() if extracted else cache, fresh=FactsCache() if extracted else fresh,
                       check=(lambda items, todo: check(Path(root), items, todo)) if check else None)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise IngestError(f"no space left on device while building the new version in {stage} "
+                              f"({e.filename or getattr(e, 'path', None) or 'image files'}): nothing was published and "
+                              f"{out_dir} is unchanged; free space on that filesystem and re-run") from e
         raise
     shutil.rmtree(stage / "extracted", ignore_errors=True)
 

@@ -13,6 +13,7 @@ The manifest is the contract between stages (one row per image):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,11 +82,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """A write ran out of space (ENOSPC, or EDQUOT for a quota); the message names the file.
+
+    An OSError with the original errno, so callers that handle OSError still do. The kernel's
+    own message ("[Errno 28] No space left on device") names no file for a failed write().
+    """
+
+    def __init__(self, path: Path | str, nbytes: int | None, cause: OSError):
+        size = f" ({nbytes:,} bytes)" if nbytes is not None else ""
+        super().__init__(cause.errno, f"no space left on device writing {path}{size}: free space on its "
+                                      "filesystem and re-run; the previous file there is unchanged")
+        self.path = str(path)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write via temp file + fsync + rename, so readers see the old file or the new, never half."""
+    """Write via temp file + fsync + rename, so readers see the old file or the new, never half.
+
+    A full disk raises DiskFull naming `path`, with the previous file intact and no temp file left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise (DiskFull(path, len(data), e) if e.errno in NO_SPACE else e) from e
     try:
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus umask).
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -94,8 +118,10 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise DiskFull(path, len(data), e) from e
         raise
     _fsync_dir(path.parent)
 

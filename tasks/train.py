@@ -352,7 +352,7 @@ def load_trained(model_dir: Path):
 
     meta = read_json(Path(model_dir) / "model.json")
     spec = ModelSpec(**meta["spec"])
-    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    state = checkpoints.load_file(Path(model_dir) / "model.pt", sha256=meta.get("model_sha256"))["state_dict"]
     return rebuild_model(spec, state), spec, meta
 
 
