@@ -256,7 +256,11 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_status(args) -> int:
-    return subprocess.call([sys.executable, "-m", "dvc", "status"], env=_subprocess_env())
+    from pixelops.repo_lock import clear_dead_dvc_locks
+
+    clear_dead_dvc_locks(".", say=lambda m: print(m, file=sys.stderr))  # left by a killed run
+    return subprocess.call([sys.executable, "-m", "dvc", "status", *(["--json"] if args.json else [])],
+                           env=_subprocess_env())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--version", default=None, help="dataset version (default: the current one)")
     pull.set_defaults(func=cmd_pull_tags)
 
-    sub.add_parser("status", help="what `dvc repro` would rerun").set_defaults(func=cmd_status)
+    st = sub.add_parser("status", help="what `dvc repro` would rerun")
+    st.add_argument("--json", action="store_true", help="DVC's JSON output")
+    st.set_defaults(func=cmd_status)
 
     srv = sub.add_parser("server", help="the project's Prefect server (127.0.0.1): start, stop, status")
     srv.add_argument("action", choices=["start", "stop", "status"])

@@ -19,8 +19,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from tasks.ingest import load_registry
 
 
@@ -65,14 +63,10 @@ def cache_path(odb, md5: str) -> Path:
     return Path(odb.oid_to_path(md5))
 
 
-def _locked_outs(root: Path) -> list[tuple[str, str]]:
-    """(workspace path, md5) of every output dvc.lock records."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return []
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return [(out["path"], out["md5"]) for stage in stages.values() for out in stage.get("outs") or []
-            if out.get("md5")]
+def _locked_outs(repo) -> list[tuple[str, str]]:
+    """(workspace path, md5) of every output dvc.lock records that DVC caches (not `cache: false`)."""
+    return [(str(out.def_path), out.hash_info.value) for stage in repo.index.stages for out in stage.outs
+            if out.use_cache and out.hash_info and out.hash_info.value]
 
 
 def _registered_trees(params, root: Path) -> list[tuple[str, str]]:
@@ -84,7 +78,7 @@ def _registered_trees(params, root: Path) -> list[tuple[str, str]]:
 
 def objects(repo, params, root: Path) -> list[CacheObject]:
     """Every cache object the project points at, each once: listings and the files in them."""
-    return objects_of(repo, _locked_outs(root) + _registered_trees(params, root))
+    return objects_of(repo, _locked_outs(repo) + _registered_trees(params, root))
 
 
 def objects_of(repo, outs: list[tuple[str, str]]) -> list[CacheObject]:
@@ -106,13 +100,6 @@ def objects_of(repo, outs: list[tuple[str, str]]) -> list[CacheObject]:
         for entry in json.loads(listing.read_text()):
             add(entry["md5"], f"{workspace}/{entry['relpath']}")
     return list(seen.values())
-
-
-def stage_outs(root: Path, stage: str) -> list[tuple[str, str]]:
-    """(workspace path, md5) of the outputs dvc.lock records for `stage`."""
-    lock = Path(root) / "dvc.lock"
-    record = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {}) if lock.is_file() else {}
-    return [(out["path"], out["md5"]) for out in record.get("outs") or [] if out.get("md5")]
 
 
 def verify(params, root: Path | str = ".", *, repair: bool = False) -> Report:

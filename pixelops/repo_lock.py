@@ -13,6 +13,12 @@ The lock is `fcntl.flock` on `.dvc/tmp/pixelops-writer.lock`: the kernel release
 holder dies, so a SIGKILLed run never leaves a stale lock. The file holds who has it (pid,
 host, purpose, since), which the waiting side prints. Within one process the lock is
 re-entrant (a flow run holds it, its stage tasks in worker threads pass through).
+
+DVC's own per-command lock (`.dvc/tmp/rwlock`) names processes by pid and skips a pid that no
+longer exists, but a SIGKILLed `dvc repro` whose parent died too stays a zombie until PID 1
+reaps it, and in a container PID 1 often never does: DVC then refuses every later command
+("is being blocked by (PID n)"). `clear_dead_dvc_locks` drops entries of dead and zombie pids;
+the writer lock calls it once acquired, and `pixelops status` before asking DVC.
 """
 
 from __future__ import annotations
@@ -86,8 +92,12 @@ def writer_lock(root: Path | str, *, purpose: str, timeout_s: float = 3600, poll
         _acquire(fd, root, purpose=purpose, timeout_s=timeout_s, poll_s=poll_s, say=say, say_every_s=say_every_s)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
                 "since": datetime.now(UTC).isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        clear_dead_dvc_locks(root)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:  # a full disk: the holder's description is for people, the flock is the lock
+            pass
         with _guard:
             _held[key] = 1
         try:
@@ -98,6 +108,40 @@ def writer_lock(root: Path | str, *, purpose: str, timeout_s: float = 3600, poll
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _dead(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def clear_dead_dvc_locks(root: Path | str, say: Callable[[str], None] = print) -> list[dict]:
+    """Remove the entries of dead (or zombie) processes from DVC's rwlock file; returns them."""
+    from dvc.fs import localfs
+    from dvc.rwlock import RWLOCK_FILE, _edit_rwlock  # DVC's own guarded edit of its lock file
+
+    tmp_dir = Path(root).resolve() / ".dvc" / "tmp"
+    if not (tmp_dir / RWLOCK_FILE).is_file():
+        return []
+    removed = []
+    with _edit_rwlock(str(tmp_dir), localfs, False) as lock:
+        for path, info in list(lock["write"].items()):
+            if _dead(int(info["pid"])):
+                removed.append(lock["write"].pop(path))
+        for path, infos in list(lock["read"].items()):
+            alive = [i for i in infos if not _dead(int(i["pid"]))]
+            removed += [i for i in infos if i not in alive]
+            if alive:
+                lock["read"][path] = alive
+            else:
+                del lock["read"][path]
+    for info in {json.dumps(i, sort_keys=True): i for i in removed}.values():
+        say(f"removed DVC's lock entry of pid {info['pid']} ({info['cmd']}): that process is dead")
+    return removed
 
 
 def _acquire(fd: int, root, *, purpose: str, timeout_s: float, poll_s: float, say, say_every_s: float) -> None:

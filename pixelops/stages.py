@@ -57,7 +57,7 @@ def commit_stage(stage: str, root: Path | str = ".") -> None:
     """
     import shutil
 
-    from pixelops.integrity import objects_of, stage_outs
+    from pixelops.integrity import objects_of
 
     lock = Path(root) / "dvc.lock"
     # A copy taken before, put back by rename: restoring must not need space on a full disk.
@@ -67,7 +67,7 @@ def commit_stage(stage: str, root: Path | str = ".") -> None:
     try:
         with _repo(root) as repo:
             repo.commit(stage, force=True)
-            missing = [o for o in objects_of(repo, stage_outs(Path(root), stage)) if not o.cache_path.is_file()]
+            missing = [o for o in objects_of(repo, cached_outs(repo, stage)) if not o.cache_path.is_file()]
     except BaseException:
         _put_back(backup, lock)
         raise
@@ -77,6 +77,12 @@ def commit_stage(stage: str, root: Path | str = ".") -> None:
                           f"(e.g. {missing[0].workspace}; a full disk? its error is above), so dvc.lock keeps the "
                           "previous record; free space and re-run")
     backup.unlink(missing_ok=True)
+
+
+def cached_outs(repo, stage: str) -> list[tuple[str, str]]:
+    """(workspace path, hash) of the stage's outputs DVC keeps in its cache (not `cache: false` ones)."""
+    (found,) = repo.stage.collect(stage)
+    return [(str(out.def_path), out.hash_info.value) for out in found.outs if out.use_cache and out.hash_info]
 
 
 def _put_back(backup: Path, lock: Path) -> None:

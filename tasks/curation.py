@@ -12,6 +12,10 @@ Tags read from the App:
     exclude                 exclude the sample (reason: the tag; source: curator)
     relabel:<class>         relabel to <class>
     relabel                 relabel to the sample's `corrected_label` field (Classification or str)
+
+Cells are written through tasks.safe_csv (a label or id starting with = + - @ gets a leading
+quote, so a spreadsheet shows it as text) and `read_decisions` removes that quote again: a
+class called `=SUM(1)` is written `'=SUM(1)` and read back as `=SUM(1)`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks import safe_csv
 from tasks.io import atomic_write_text
 
 DECISION_COLUMNS = ("sample_id", "action", "label", "reason", "source")
@@ -54,7 +59,8 @@ def read_decisions(path: Path, *, classes: list[str], sample_ids: set[str]) -> p
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != DECISION_COLUMNS:
             raise CurationError(f"{path}: header must be {','.join(DECISION_COLUMNS)}, got {reader.fieldnames}")
-        rows = list(reader)
+        # Undo what to_csv's safe_csv.cell added, before any check sees the value.
+        rows = [{k: safe_csv.restore(v) for k, v in r.items()} for r in reader]
     seen = set()
     for line, row in enumerate(rows, start=2):
         where = f"{path}, line {line}"
@@ -72,9 +78,10 @@ def read_decisions(path: Path, *, classes: list[str], sample_ids: set[str]) -> p
 
 
 def to_csv(decisions: pd.DataFrame) -> str:
+    """The decisions as CSV text, sorted, string cells neutralized (tasks.safe_csv; read_decisions undoes it)."""
     buf = io.StringIO()
     ordered = decisions.sort_values(["sample_id", "action"]).reindex(columns=list(DECISION_COLUMNS))
-    ordered.to_csv(buf, index=False, lineterminator="\n")
+    ordered.map(safe_csv.cell).to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
 
 

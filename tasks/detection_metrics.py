@@ -60,7 +60,7 @@ def pr_curves_png(curves: dict, title: str = "precision-recall at IoU .50") -> b
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=90)
     for name, values in drawn.items():
-        ax.plot(curves["recall"], values, label=name)
+        ax.plot(curves["recall"], values, label=str(name).replace("$", r"\$"))  # a class name is data, not math
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)

@@ -28,6 +28,8 @@ def configure_environment(root: Path | str | None = None) -> None:
         # A loaded 2-core machine can exceed Prefect's 20 s default for the ephemeral server.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # `prefect worker start --with-healthcheck` would otherwise listen on 0.0.0.0.
+        "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
         "TORCH_HOME": str(root / ".torch"),
         "FIFTYONE_DATABASE_DIR": str(root / ".fiftyone" / "db"),
         "FIFTYONE_DATABASE_VALIDATION": "false",

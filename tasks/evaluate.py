@@ -16,8 +16,8 @@ Params:  `evaluate:` section.
 
 from __future__ import annotations
 
-import csv
 import io
+import json
 import shutil
 import sys
 import time
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from tasks import evaluate_report as er
+from tasks import safe_csv
 from tasks.data import build_eval_transform, image_channels, label_indices, load_images
-from tasks.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from tasks.lineage import compare, flatten, lineage, read_history, record_run
+from tasks.io import Staged, atomic_write_bytes, atomic_write_json, atomic_write_text
+from tasks.lineage import compare, flatten, lineage, read_history, with_run
 from tasks.metrics import (
     bootstrap_intervals,
     calibration,
@@ -97,10 +98,11 @@ HEADLINE = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")
 
 
 def _plot_data(report_dir: Path, metrics: dict, classes: list[str], y_true, y_pred, history: list[dict]) -> None:
-    """CSV files for `dvc plots`: per-image (actual, predicted), reliability bins, per-class scores, history."""
+    """CSV files for `dvc plots`: per-image (actual, predicted), reliability bins, per-class scores, history.
+    Class names are data: a name starting with = + - @ is written quoted (tasks.safe_csv)."""
     def write(name: str, header: list[str], rows) -> None:
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        w = safe_csv.writer(buf, lineterminator="\n")
         w.writerow(header)
         w.writerows(rows)
         atomic_write_text(report_dir / "plots" / name, buf.getvalue())
@@ -127,9 +129,6 @@ def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mist
     plots = {"confusion": er.confusion_png(metrics["confusion_matrix"], classes),
              "reliability": er.reliability_png(metrics["calibration"]),
              "history": er.history_png(meta.get("history", []))}
-    for name, png in plots.items():
-        if png:
-            atomic_write_bytes(report_dir / f"{name}.png", png)
     gallery = [{**m, "uri": er.data_uri(er.thumbnail_png(images_root / m["path"]))} for m in mistakes]
     headline_cards = [(key, label.format(k=metrics["top_k"])) for key, label in HEADLINE]
     html = er.render_report(metrics=metrics, lineage=lin, comparison=comparison, headline=headline_cards,
@@ -137,18 +136,27 @@ def write_outputs(metrics: dict, lin: dict, meta: dict, classes: list[str], mist
                             history=meta.get("history", []), history_path=str(history_path),
                             train_params_flat=flatten(lin["train_params"]))
     card = model_card(metrics, lin, classes)
-    _plot_data(report_dir, metrics, classes, y_true, y_pred, meta.get("history", []))
-    atomic_write_json(report_dir / "metrics.json", metrics)
-    atomic_write_json(report_dir / "lineage.json", lin)
-    atomic_write_text(report_dir / "model_card.md", card)
-    atomic_write_text(report_dir / "index.html", html)
-    run_dir = report_dir.parent / "runs" / lin["run"]  # kept across runs: reports/runs/<run>/ of each model
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("index.html", "model_card.md", "metrics.json", "lineage.json"):
-        shutil.copyfile(report_dir / name, run_dir / (name + ".tmp"))
-        (run_dir / (name + ".tmp")).replace(run_dir / name)
-    atomic_write_json(metrics_path, headline)
-    record_run(history_path, entry)  # last: a failed evaluation leaves the history as it was
+    # Everything is written before anything is replaced: a full disk leaves the previous report,
+    # its run copy, the headline and the history as they were (tasks.io.Staged).
+    with Staged() as out:
+        folder = out.folder(report_dir)
+        for name, png in plots.items():
+            if png:
+                atomic_write_bytes(folder / f"{name}.png", png)
+        _plot_data(folder, metrics, classes, y_true, y_pred, meta.get("history", []))
+        atomic_write_json(folder / "metrics.json", metrics)
+        atomic_write_json(folder / "lineage.json", lin)
+        atomic_write_text(folder / "model_card.md", card)
+        atomic_write_text(folder / "index.html", html)
+        kept = out.folder(report_dir.parent / "runs" / lin["run"])  # reports/runs/<run>/ of each model
+        for name in ("index.html", "model_card.md", "metrics.json", "lineage.json"):
+            shutil.copyfile(folder / name, kept / name)
+        out.file(metrics_path, _json_bytes(headline))
+        out.file(history_path, with_run(history_path, entry).encode())
+
+
+def _json_bytes(data: object) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, metrics_path: Path,
@@ -156,8 +164,6 @@ def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, me
     """A detection version: COCO-style mAP of the Faster R-CNN on the test tiles
     (tasks.detection.evaluate_detection), per-class AP and PR curves on an offline page,
     headline numbers into `metrics_path`."""
-    from jinja2 import Environment, StrictUndefined
-
     from tasks.detection import evaluate_detection
     from tasks.detection_metrics import pr_curves_png
     from tasks.io import read_json
@@ -167,16 +173,16 @@ def evaluate_detector(model_dir: Path, curate_dir: Path, *, report_dir: Path, me
     metrics = evaluate_detection(model_dir, curate_dir, "test")
     report_dir = Path(report_dir)
     png = pr_curves_png(metrics["pr_curves"])
-    if png:
-        atomic_write_bytes(report_dir / "pr_curves.png", png)
-    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    page = env.from_string(Path(__file__).with_name("evaluate_detection.html.j2").read_text()).render(
-        m=metrics, pr_uri=er.data_uri(png), code=code_version(),
-        model_sha=read_json(Path(model_dir) / "model.json").get("model_sha256", ""))
-    atomic_write_json(report_dir / "metrics.json", metrics)
-    atomic_write_text(report_dir / "index.html", page)
+    page = er.render("evaluate_detection.html.j2", m=metrics, pr_uri=er.data_uri(png), code=code_version(),
+                     model_sha=read_json(Path(model_dir) / "model.json").get("model_sha256", ""))
     headline = {k: metrics[k] for k in ("map", "map_50", "n_images") if k in metrics}
-    atomic_write_json(metrics_path, headline)
+    with Staged() as out:
+        folder = out.folder(report_dir)
+        if png:
+            atomic_write_bytes(folder / "pr_curves.png", png)
+        atomic_write_json(folder / "metrics.json", metrics)
+        atomic_write_text(folder / "index.html", page)
+        out.file(metrics_path, _json_bytes(headline))
     return metrics
 
 

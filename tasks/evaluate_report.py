@@ -38,6 +38,9 @@ def confusion_png(cm: list[list[int]], classes: list[str]) -> bytes:
     arr = np.asarray(cm)
     norm = arr / np.maximum(arr.sum(1, keepdims=True), 1)
     k = len(classes)
+    # Class names are data: matplotlib reads text between two $ as math (a class named $\bad$
+    # fails the stage); an escaped \$ is drawn as a plain $.
+    classes = [str(c).replace("$", r"\$") for c in classes]
     side = max(5.0, 0.45 * k + 2)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), dpi=90)
     for ax, values, title in ((axes[0], arr, "counts"), (axes[1], norm, "row-normalized")):
@@ -118,15 +121,18 @@ def data_uri(png: bytes | None) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
 
 
-_TEMPLATE = Path(__file__).with_name("evaluate_report.html.j2")
-
-
-def render_report(**context) -> str:
-    """The page from tasks/evaluate_report.html.j2; `context` holds metrics, lineage, comparison,
-    plots (data URIs) and the gallery."""
+def render(template: str, **context) -> str:
+    """The page from the Jinja template `template` beside this module (evaluate_report.html.j2,
+    evaluate_detection.html.j2). Autoescaped: every value in `context` is text, never markup."""
     from jinja2 import Environment, StrictUndefined
 
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda v: "" if v is None else f"{100 * v:.2f}%"
     env.filters["signed"] = lambda v: "" if v is None else f"{v:+.4f}"
-    return env.from_string(_TEMPLATE.read_text()).render(**context)
+    return env.from_string(Path(__file__).with_name(template).read_text()).render(**context)
+
+
+def render_report(**context) -> str:
+    """The classification page; `context` holds metrics, lineage, comparison, plots (data URIs)
+    and the gallery."""
+    return render("evaluate_report.html.j2", **context)

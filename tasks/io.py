@@ -17,8 +17,10 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,3 +164,52 @@ def table_content_hash(table: pa.Table, columns: list[str]) -> str:
         for row in zip(*cols):
             h.update(("\x1f".join("" if v is None else str(v) for v in row) + "\n").encode())
     return h.hexdigest()
+
+
+class Staged:
+    """Outputs written in full first, then put in place by renames only.
+
+    A full disk or a crash while writing leaves every previous output as it was (the staged
+    copies are removed), and publishing itself needs no free space:
+
+        with Staged() as out:
+            folder = out.folder(report_dir)        # write the new report into `folder`
+            out.file(metrics_path, json_bytes)
+        # here: report_dir and metrics_path are both the new ones
+    """
+
+    def __init__(self) -> None:
+        self._moves: list[tuple[Path, Path]] = []  # (staged, final)
+
+    def folder(self, final: Path | str) -> Path:
+        final = Path(final)
+        staged = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(staged, ignore_errors=True)  # left by a killed run
+        staged.mkdir(parents=True)
+        self._moves.append((staged, final))
+        return staged
+
+    def file(self, final: Path | str, data: bytes) -> None:
+        final = Path(final)
+        staged = final.with_name(f".{final.name}.partial")
+        atomic_write_bytes(staged, data)
+        self._moves.append((staged, final))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None:
+            for staged, _ in self._moves:
+                shutil.rmtree(staged, ignore_errors=True) if staged.is_dir() else staged.unlink(missing_ok=True)
+            return
+        for staged, final in self._moves:
+            if staged.is_dir():
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                if final.exists():
+                    final.rename(old)
+                staged.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staged, final)

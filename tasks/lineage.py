@@ -14,7 +14,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.io import atomic_write_text, read_json
+from tasks.io import read_json
 
 HEADLINE = ("accuracy", "macro_f1", "balanced_accuracy", "top_k_accuracy", "ece")
 
@@ -101,10 +101,9 @@ def compare(current: dict, history: list[dict]) -> dict | None:
     }
 
 
-def record_run(path: Path, entry: dict) -> None:
-    """Add `entry` as the newest line, dropping earlier lines of the same run (one line per run).
-    Rewritten atomically: a crash leaves the old file whole, never half a line."""
+def with_run(path: Path, entry: dict) -> str:
+    """The history file's text with `entry` as the newest line, earlier lines of the same run dropped."""
     run = entry["lineage"]["run"]
     lines = [json.dumps(h, sort_keys=True) for h in read_history(path) if h["lineage"]["run"] != run]
     lines.append(json.dumps(entry, sort_keys=True))
-    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

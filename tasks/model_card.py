@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-# What could turn data into markup or break a table row: raw HTML, links, code, emphasis, cells.
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]<>|"})
+# What could turn data into markup or break a table row: raw HTML, entities, links, code, emphasis
+# (* _ ~), math ($: GitHub renders it), cells; a line ending (\r counts as one in CommonMark) would
+# end the row or list item.
+_MD_SPECIAL = str.maketrans({**{c: "\\" + c for c in "\\`*_~[]<>|&$"}, "\n": " ", "\r": " "})
 
 
 def md(text: object) -> str:
     """Text safe inside markdown (and its tables): class names are data, not markup."""
-    return str(text).replace("\n", " ").translate(_MD_SPECIAL)
+    return str(text).translate(_MD_SPECIAL)
 
 
 def _fmt_ci(metrics: dict, name: str) -> str:
@@ -66,8 +68,8 @@ def model_card(metrics: dict, lineage: dict, classes: list[str]) -> str:
                      f"relabeled {cur.get('n_relabeled', 0)}.")
     lines += ["", "## Training recipe"]
     keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "finetune", "seed")
-    lines += [f"- {k}: {md(tp[k])}" for k in keys if k in tp] or ["- not recorded in model.json (trained by an "
-                                                                  "older version of the train stage)"]
+    lines += [f"- {k}: {md(tp[k])}" for k in keys if k in tp] or [("- not recorded in model.json (trained by "
+                                                                   "an older version of the train stage)")]
     if tp.get("augment"):
         lines.append(f"- augment: {md(tp['augment'])}")
     if lin.get("tuned_from"):

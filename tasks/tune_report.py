@@ -12,7 +12,6 @@ Params:  none of its own; tasks/tune.py passes epochs_requested from its `tune:`
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tasks import safe_csv
 from tasks.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -205,10 +205,11 @@ def _kv(d: dict) -> list[str]:
 
 
 def save_trials_csv(rows: list[dict], path: Path) -> None:
-    """One row per trial, one param_<name> column per parameter, user attributes as JSON."""
+    """One row per trial, one param_<name> column per parameter, user attributes as JSON; string
+    cells that a spreadsheet would run (= + - @ ...) are quoted (tasks.safe_csv)."""
     names = sorted({k for r in rows for k in r["params"]})
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = safe_csv.writer(buf, lineterminator="\n")
     w.writerow(["number", "state", "value", "epochs_run", "epochs_requested", "seconds",
                 *(f"param_{n}" for n in names), "user_attrs"])
     for r in rows:

@@ -512,8 +512,8 @@ def run(params: Params) -> ValidateResult:
 
 
 def _code(text: str) -> str:
-    # Code spans keep data literal in markdown (no HTML, no emphasis); backticks cannot end them.
-    return "`" + text.replace("`", "'") + "`"
+    # Code spans keep data literal in markdown (no HTML, no emphasis); no backtick or line break ends them.
+    return "`" + text.replace("`", "'").replace("\r", " ").replace("\n", " ") + "`"
 
 
 def _line(e: dict, n_examples: int = 2) -> str:

@@ -17,10 +17,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_STATE = Path(tempfile.mkdtemp(prefix="pixelops-test-state-"))
-# Registered first so it runs last (atexit is LIFO): after the database below has stopped.
-# Left behind, each session's state (database, Prefect home) is ~300 MB of disk CI also needs.
-atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
+
+
+def _owner_alive() -> bool:
+    """True in the session's own process (imported twice: as conftest and as tests.conftest) and in
+    its subprocesses (gate workers, spawned children), which reuse its state and database."""
+    import psutil
+
+    owner = os.environ.get("PIXELOPS_TEST_DB_OWNER", "")
+    return owner.isdigit() and (int(owner) == os.getpid() or psutil.pid_exists(int(owner)))
+
+
+_SHARED = _owner_alive()
+if not _SHARED:
+    _STATE = Path(tempfile.mkdtemp(prefix="pixelops-test-state-"))
+    # Registered first so it runs last (atexit is LIFO): after the database below has stopped.
+    # Left behind, each session's state (database, Prefect home) is ~300 MB of disk CI also needs.
+    atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
+    os.environ["PIXELOPS_TEST_STATE"] = str(_STATE)
+else:
+    _STATE = Path(os.environ["PIXELOPS_TEST_STATE"])
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", str(_STATE / "fiftyone-datasets"))
 # Tests share torch's hub cache with the project so the installed weights file is found.
@@ -44,8 +60,8 @@ def _free_port() -> int:
 
 # One FiftyOne database service for the whole session, in the temp state folder, started the
 # way users start theirs (tasks.fo_service); every test and subprocess reaches it by URI.
-# Guarded: this file is imported twice (as conftest and as tests.conftest).
-if os.environ.get("PIXELOPS_TEST_DB_OWNER") != str(os.getpid()):
+# Guarded: the session's process imports this file twice, and its subprocesses import it too.
+if not _SHARED:
     os.environ.pop("FIFTYONE_DATABASE_URI", None)  # never the user's own database
     TEST_DB = fo_service.spec_for(DatabaseParams(port=_free_port(), dir=_STATE / "fiftyone-db", cache_size_gb=0.25))
     fo_service.start(TEST_DB)

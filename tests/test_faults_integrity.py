@@ -16,7 +16,7 @@ import torch
 from bench.project import make_project, set_param
 from pixelops.integrity import cache_path, verify
 from pixelops.stages import run_stage
-from pixelops.versions import VersionError, checkout, list_versions
+from pixelops.versions import VersionError, checkout
 from tasks import checkpoints, curate, evaluate, ingest, train
 from tasks.params import load_params
 from tests.conftest import TINY_OVERRIDES, tiny_params
@@ -143,7 +143,7 @@ def test_a_flipped_byte_in_dvc_cache_is_found_refused_and_repaired(tmp_path, mon
     run_stage("ingest", load_params())
     first = _version(project)
     manifest = (project / "data" / "ingest" / "manifest.parquet").read_bytes()
-    image = sorted((project / "data" / "ingest" / "images").rglob("*.png"))[0]
+    image = min((project / "data" / "ingest" / "images").rglob("*.png"))
     image_rel = str(image.relative_to(project / "data" / "ingest"))
     assert verify(load_params()).ok
     assert cli(["push", "ingest"]) == 0  # as `pixelops ingest` does when a remote is set
