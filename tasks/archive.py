@@ -35,11 +35,13 @@ and times from the archive are not applied. `__MACOSX/` resource-fork folders ar
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -51,6 +53,11 @@ RATIO_FLOOR_BYTES = 1 << 20   # sizes at or below 1 MiB are not judged by ratio
 SKIPPED_TOP_FOLDERS = ("__MACOSX",)
 _COPY_BLOCK = 1 << 20
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# What zipfile, tarfile and their decompressors raise on corrupt bytes, besides OSError: a truncated
+# gzip stream (EOFError), a bad deflate or xz block, a member name flagged UTF-8 that is not, a
+# "zip file version 12.7" in a forged header (NotImplementedError).
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, UnicodeDecodeError,
+            NotImplementedError)
 
 
 class ArchiveError(ValueError):
@@ -77,7 +84,7 @@ def _kind(path: Path) -> Literal["zip", "tar"] | None:
             return "zip"
         if tarfile.is_tarfile(path):
             return "tar"
-    except OSError:
+    except (*_CORRUPT, OSError):
         return None
     return None
 
@@ -216,7 +223,7 @@ def inspect_archive(path: Path | str, *, caps: ArchiveParams) -> list[Member]:
                 while (ti := tf.next()) is not None:
                     tf.members.clear()  # read in order, no index needed; a million TarInfos would cost ~1 GB
                     tally.add(_tar_member(archive, ti))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    except (*_CORRUPT, OSError) as e:
         last = tally.members[-1].name if tally.members else None  # the stream broke in or after it
         raise _error(archive, last, f"unreadable archive: {type(e).__name__}: {e}") from None
     return tally.members
@@ -310,7 +317,7 @@ def extract_to_staging(path: Path | str, staging_dir: Path | str, *, caps: Archi
                         out.put(member, lambda ti=ti: tf.extractfile(ti))  # a regular member: never None
                 if next(expected, None) is not None:
                     raise _error(archive, None, "changed between inspection and extraction (fewer members)")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+    except _CORRUPT as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise _error(archive, current, f"unreadable archive: {type(e).__name__}: {e}") from None
     except OSError as e:  # a corrupt gzip stream, a full disk, a name clash on a case-insensitive disk

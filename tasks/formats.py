@@ -15,8 +15,10 @@ Formats (`format: auto` picks one with `detect_format`):
 
 Rules (a violation raises SourceError naming the file, the row or element, and the rule):
     * image paths stay inside the source root: absolute paths, `..` and symlinks that
-      resolve outside it are rejected; symlinked folders are not followed;
-    * label files are well formed (fields per row, numbers, known class / category ids);
+      resolve outside it are rejected; symlinked folders are not followed; a path (the
+      source_key) is UTF-8 text without NUL;
+    * label files are UTF-8 (a BOM is dropped) and well formed (fields per row, numbers,
+      known class / category ids);
     * `classes`, when given, names every label (idx: label index -> name) and fixes the
       class order; COCO / YOLO name their classes themselves and must agree with it.
 Not judged here: box geometry (validation stage), split names (validation), image bytes
@@ -32,9 +34,11 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import os
 import re
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PureWindowsPath
@@ -75,18 +79,24 @@ class SourceRoot:
         text = str(rel)
         if not text.strip():
             raise SourceError(f"{where}: empty image path")
+        if "\x00" in text or text.encode("utf-8", "replace").decode() != text:  # lone surrogates: non-UTF-8 bytes
+            raise SourceError(f"{where}: image path {text!r} holds a NUL byte or bytes that are not UTF-8 "
+                              "(source keys are UTF-8 text); rename the file")
         if os.path.isabs(text) or PureWindowsPath(text).drive:
             raise SourceError(f"{where}: image path {text!r} is absolute; image paths must be "
                               f"relative to the source root {self.path}")
         full = (base or self.path) / text
-        if ".." in Path(text).parts:
-            real = full.resolve()
-        else:
-            parent = self._dirs.get(full.parent)
-            if parent is None:
-                parent = self._dirs[full.parent] = full.parent.resolve()
-            real = parent / full.name
-            real = real.resolve() if real.is_symlink() else real
+        try:
+            if ".." in Path(text).parts:
+                real = full.resolve()
+            else:
+                parent = self._dirs.get(full.parent)
+                if parent is None:
+                    parent = self._dirs[full.parent] = full.parent.resolve()
+                real = parent / full.name
+                real = real.resolve() if real.is_symlink() else real
+        except OSError as e:  # a name longer than the file system allows, a symlink loop ...
+            raise SourceError(f"{where}: image path {text!r} cannot be looked up: {e.strerror or e}") from None
         if not real.is_relative_to(self.real):
             raise SourceError(f"{where}: image path {text!r} resolves to {real}, outside the source root "
                               f"{self.real}; no absolute paths, '..' or symlinks leading out of the root")
@@ -94,6 +104,21 @@ class SourceRoot:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 label file (a BOM is dropped); SourceError naming the line of the first bad byte."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # a folder where a file should be, no permission ...
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        at = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts after its BOM
+        line = raw[:at].count(b"\n") + 1
+        hint = "; a UTF-16 file? save it as UTF-8" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise SourceError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {at}){hint}") from None
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -128,7 +153,8 @@ def class_list(first_seen: dict[str, str], classes: list[str] | None) -> list[st
     """Class names: `classes` when given (every label must be in it), else the labels sorted."""
     if classes is None:
         names = list(first_seen)
-        return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
+        # isdecimal, not isdigit: "²" is a digit that int() refuses
+        return sorted(names, key=int) if all(n.isdecimal() for n in names) else sorted(names)
     allowed = set(classes)
     for label, where in first_seen.items():
         if label not in allowed:
@@ -144,29 +170,6 @@ def limit_items(items: Iterable[SourceItem], limit: int | None) -> Iterator[Sour
         if limit is None or counts[item.split] < limit:
             counts[item.split] += 1
             yield item
-
-
-def _head(path: Path, n: int = 65536) -> str:
-    with path.open("rb") as f:
-        return f.read(n).decode("utf-8", errors="replace")
-
-
-def coco_files(path: Path) -> list[Path]:
-    """The COCO label file, or the JSON files in a folder (and its annotations/) that look like COCO."""
-    if path.is_file():
-        return [path]
-    dirs = [path, path / "annotations"]
-    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.json"))
-            if re.search(r'"(images|annotations|categories)"\s*:', _head(f))]
-
-
-def voc_files(path: Path) -> list[Path]:
-    """The XML files of a VOC source: path itself, Annotations/*.xml, or *.xml in the folder."""
-    if path.is_file():
-        return [path]
-    folder = path / "Annotations" if (path / "Annotations").is_dir() else path
-    xmls = sorted(folder.glob("*.xml"))
-    return xmls if xmls and "<annotation" in _head(xmls[0], 4096) else []
 
 
 def table_files(path: Path, fmt: str) -> list[Path]:
@@ -223,6 +226,8 @@ def detect_format(path: Path) -> str:
             raise SourceError(f"{path}: cannot detect the format of a {path.suffix or 'suffix-less'} file; a "
                               f"file source is a .csv, .parquet, COCO .json or VOC .xml label file; {SET_FORMAT}")
         return by_suffix[path.suffix.lower()]
+    from tasks.formats_detection import coco_files, voc_files
+
     found: dict[str, str] = {}
     idx = [p for base in (*IDX_FILES.values(), *IDX_LABELS.values()) if (p := _idx_path(path / base))]
     if idx:
@@ -283,18 +288,20 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise SourceError(f"{path}: not a readable gzip file: {e}") from None
-    if len(raw) < 8:
-        raise SourceError(f"{path}: too short for an idx header")
+    ndim = expected_magic & 0xFF
+    if len(raw) < 4 + 4 * ndim:
+        raise SourceError(f"{path}: {len(raw)} bytes, too short for an idx header ({4 + 4 * ndim} bytes)")
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != expected_magic:
         raise SourceError(f"{path}: idx magic {magic:#010x}, expected {expected_magic:#010x}")
-    ndim = magic & 0xFF
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise SourceError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), body has {len(body)}")
+    if len(body) != math.prod(dims):  # exact integers: numpy's int64 product wraps on a forged header
+        raise SourceError(f"{path}: header says {dims} ({math.prod(dims)} bytes), body has {len(body)}")
+    if 0 in dims[1:]:
+        raise SourceError(f"{path}: header says {dims}: items of {dims[1:]} hold no pixels")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -367,36 +374,37 @@ def _iter_image_folder(root: SourceRoot, layout: list[tuple[str, str, Path]],
 
 
 def _csv_rows(f: Path) -> Iterator[tuple[str, str, str, str | None]]:
+    reader = csv.reader(io.StringIO(read_text(f), newline=""))
     try:
-        with f.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            if not {"path", "label"} <= set(header):
-                raise SourceError(f"{f}: line 1: header {','.join(header) or '(empty)'} lacks columns path,label "
-                                  "(allowed: path,label[,split])")
-            col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
-            for row in reader:
-                where = f"{f}: line {reader.line_num}"
-                if not any(cell.strip() for cell in row):
-                    continue  # blank line
-                if len(row) != len(header):
-                    raise SourceError(f"{where}: {len(row)} fields, the header has {len(header)} "
-                                      f"({','.join(header)})")
-                yield where, row[col["path"]].strip(), row[col["label"]].strip(), (
-                    row[col["split"]].strip() if "split" in col else None)
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{f}: not UTF-8 text: {e}") from None
-    except csv.Error as e:
-        raise SourceError(f"{f}: malformed CSV: {e}") from None
+        header = [h.strip() for h in next(reader, [])]
+        if not {"path", "label"} <= set(header):
+            raise SourceError(f"{f}: line 1: header {','.join(header) or '(empty)'} lacks columns path,label "
+                              "(allowed: path,label[,split])")
+        col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+        for row in reader:
+            where = f"{f}: line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise SourceError(f"{where}: {len(row)} fields, the header has {len(header)} ({','.join(header)})")
+            yield where, row[col["path"]].strip(), row[col["label"]].strip(), (
+                row[col["split"]].strip() if "split" in col else None)
+    except csv.Error as e:  # a field over csv.field_size_limit
+        raise SourceError(f"{f}: line {reader.line_num}: malformed CSV: {e}") from None
 
 
 def _parquet_rows(f: Path) -> Iterator[tuple[str, str, str, str | None]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = [c for c in ("path", "label", "split") if c in _columns(f, "parquet")]
-    if not {"path", "label"} <= set(names):
-        raise SourceError(f"{f}: columns {_columns(f, 'parquet')} lack path,label (allowed: path,label[,split])")
-    table = pq.read_table(f, columns=names).to_pydict()
+    found = _columns(f, "parquet")
+    names = [c for c in ("path", "label", "split") if c in found]
+    if not {"path", "label"} <= set(names) or any(found.count(c) > 1 for c in names):
+        raise SourceError(f"{f}: columns {found} lack path,label or name one twice (allowed: path,label[,split])")
+    try:
+        table = pq.read_table(f, columns=names).to_pydict()
+    except (pa.ArrowException, OSError, ValueError) as e:  # a corrupt page, text that is not UTF-8
+        raise SourceError(f"{f}: unreadable parquet file: {e}") from None
     for i in range(len(table["path"])):
         where = f"{f}: row {i}"
         values = {c: table[c][i] for c in names}

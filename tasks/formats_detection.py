@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -33,9 +34,9 @@ from tasks.formats import (
     LazyItems,
     SourceRoot,
     class_list,
-    coco_files,
     files_under,
     limit_items,
+    read_text,
     split_dirs,
     split_from_name,
 )
@@ -47,7 +48,31 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    # exact int/float comparison: an integer beyond the float range (JSON allows 4300 digits) is not one
+    return _is_int(v) and abs(v) <= 1e308 or isinstance(v, float) and math.isfinite(v)
+
+
+def _head(path: Path, n: int = 65536) -> str:
+    with path.open("rb") as f:
+        return f.read(n).decode("utf-8", errors="replace")
+
+
+def coco_files(path: Path) -> list[Path]:
+    """The COCO label file, or the JSON files in a folder (and its annotations/) that look like COCO."""
+    if path.is_file():
+        return [path]
+    dirs = [path, path / "annotations"]
+    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.json"))
+            if f.is_file() and re.search(r'"(images|annotations|categories)"\s*:', _head(f))]
+
+
+def voc_files(path: Path) -> list[Path]:
+    """The XML files of a VOC source: path itself, Annotations/*.xml, or *.xml in the folder."""
+    if path.is_file():
+        return [path]
+    folder = path / "Annotations" if (path / "Annotations").is_dir() else path
+    xmls = sorted(f for f in folder.glob("*.xml") if f.is_file())
+    return xmls if xmls and "<annotation" in _head(xmls[0], 4096) else []
 
 
 # --------------------------------------------------------------------------- COCO
@@ -82,12 +107,15 @@ def _load_json(f: Path):
 
     try:
         data = json.loads(f.read_bytes(), parse_constant=non_finite)
+        where = _find_non_finite(data) if seen else None
     except json.JSONDecodeError as e:
         raise SourceError(f"{f}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise SourceError(f"{f}: not UTF-8 JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting deeper than the stack
+        raise SourceError(f"{f}: unreadable JSON: {e}") from None
     if seen:
-        raise SourceError(f"{f}: {_find_non_finite(data)} is not a JSON number (NaN/Infinity are rejected); "
+        raise SourceError(f"{f}: {where} is not a JSON number (NaN/Infinity are rejected); "
                           "write a finite number or leave the entry out")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                              for k in ("images", "annotations", "categories")):
@@ -130,13 +158,15 @@ def _coco_items(f: Path, data: dict, cats: dict[int, str], root: SourceRoot, spl
         if not isinstance(a, dict):
             raise SourceError(f"{where}: expected an object, got {str(a)[:120]}")
         image_id, cid, bbox = a.get("image_id"), a.get("category_id"), a.get("bbox")
-        if not isinstance(image_id, int | str) or image_id not in boxes:
+        if not isinstance(image_id, int | str) or isinstance(image_id, bool) or image_id not in boxes:
             raise SourceError(f"{where}: image_id {image_id!r} is not an id in images")
         if not _is_int(cid) or cid not in cats:
             raise SourceError(f"{where}: unknown category_id {cid!r}; category ids: {', '.join(map(str, cats))}")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise SourceError(f"{where}: bbox {str(bbox)[:80]} is not [x, y, width, height] (4 finite numbers)")
         x, y, w, h = (float(v) for v in bbox)
+        if not math.isfinite(x + w) or not math.isfinite(y + h):
+            raise SourceError(f"{where}: bbox {bbox} overflows: x + width or y + height is not a finite number")
         boxes[image_id].append(Box(cats[cid], x, y, x + w, y + h))
     # file_name is looked up under the root, root/images, root/<name>, root/images/<name>, where
     # <name> is the JSON's last _-separated token (instances_val2017.json -> val2017/);
@@ -188,14 +218,15 @@ def _voc_entries(root: Path, xml_dir: Path) -> list[tuple[str, Path]]:
         if not xmls:
             raise SourceError(f"{xml_dir}: no .xml annotation files")
         return [("train", x) for x in xmls]
-    entries = []
+    entries, source = [], SourceRoot(root)
     for split, listing in lists:  # the split lists define the items, as in the VOC devkit
-        for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(listing).splitlines(), 1):
             if not line.strip():
                 continue
             image_id, where = line.split()[0], f"{listing}: line {n}"
             if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
                 raise SourceError(f"{where}: image id {image_id!r} is not a plain file stem")
+            source.image(f"{image_id}.xml", where=where, base=xml_dir)  # a name that can be looked up, inside
             if not (xml_dir / f"{image_id}.xml").is_file():
                 raise SourceError(f"{where}: image id {image_id!r} has no annotation file {xml_dir}/{image_id}.xml")
             entries.append((split, xml_dir / f"{image_id}.xml"))
@@ -212,6 +243,8 @@ def _text(parent, tag: str, xml: Path, where: str) -> str:
 def _parse_voc(xml: Path) -> tuple[str, list[tuple[str, float, float, float, float]]]:
     try:
         tree = DefusedET.parse(xml, forbid_dtd=True)
+    except OSError as e:  # a folder named x.xml, no permission
+        raise SourceError(f"{xml}: cannot read: {e.strerror or e}") from None
     except DTDForbidden as e:
         raise SourceError(f"{xml}: <!DOCTYPE {e.name}> declaration: DTDs and entity declarations are rejected "
                           "(entity expansion can exhaust memory, external entities can read files)") from None
@@ -282,20 +315,25 @@ NAME_FILES = ("data.yaml", "data.yml", "classes.txt", "obj.names")
 
 
 def _names_from(f: Path) -> list[str]:
+    text = read_text(f)
     if f.suffix in (".yaml", ".yml"):
         try:
-            names = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("names")
-        except (yaml.YAMLError, AttributeError) as e:
+            names = (yaml.safe_load(text) or {}).get("names")
+        except (yaml.YAMLError, AttributeError, ValueError, RecursionError) as e:  # ValueError: a bad date
             raise SourceError(f"{f}: not a YAML mapping with names: ({e})") from None
         if isinstance(names, dict):
-            if sorted(names) != list(range(len(names))):
-                raise SourceError(f"{f}: names: keys {sorted(names, key=str)} are not 0..{len(names) - 1}")
+            if not all(_is_int(k) for k in names) or sorted(names) != list(range(len(names))):
+                raise SourceError(f"{f}: names: keys {sorted(map(repr, names))} are not 0..{len(names) - 1}")
             names = [names[i] for i in range(len(names))]
         if not isinstance(names, list) or not names:
             raise SourceError(f"{f}: names: missing or not a list of class names")
+        for i, n in enumerate(names):  # yes/no/null/[a, b] are not names (and str() of an alias bomb never ends)
+            if not (isinstance(n, str) and n.strip() or _is_int(n)):
+                raise SourceError(f"{f}: names[{i}] is {'empty' if n == '' else type(n).__name__}, not a class "
+                                  "name (text or integer); quote names YAML reads otherwise (yes, no, null, 1.5)")
         names = [str(n) for n in names]
     else:
-        names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines()]
+        names = [line.strip() for line in text.splitlines()]
         while names and not names[-1]:
             names.pop()
         if not names or "" in names:
@@ -332,12 +370,9 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _yolo_boxes(label_file: Path, image: Path, names: list[str], names_from: str) -> list[Box]:
-    try:
-        text = label_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not label_file.exists():
         return []  # no txt: a background image
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{label_file}: not UTF-8 text: {e}") from None
+    text = read_text(label_file)
     rows = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     size = _image_size(image) if rows else None
     boxes = []
@@ -359,16 +394,18 @@ def _yolo_boxes(label_file: Path, image: Path, names: list[str], names_from: str
         if size is None:
             continue  # unreadable image header: no size to scale by; the gate quarantines the image
         (cx, cy, w, h), (width, height) = values, size
-        boxes.append(Box(names[int(cls)], (cx - w / 2) * width, (cy - h / 2) * height,
-                         (cx + w / 2) * width, (cy + h / 2) * height))
+        box = Box(names[int(cls)], (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+                  (cy + h / 2) * height)
+        if not all(map(math.isfinite, (box.x1, box.y1, box.x2, box.y2))):
+            raise SourceError(f"{where}: {' '.join(parts)!r}: the box overflows at the image size {width}x{height}")
+        boxes.append(box)
     return boxes
 
 
 def _iter_yolo(root: SourceRoot, splits: list[tuple[str, Path]], names: list[str], names_from: str,
                limit: int | None):
-    images, labels = root.path / "images", root.path / "labels"
+    images, labels, used = root.path / "images", root.path / "labels", set()
     for split, folder in splits:
-        used = set()
         for count, img in enumerate(files_under(folder)):
             if limit is not None and count >= limit:
                 break
@@ -379,13 +416,15 @@ def _iter_yolo(root: SourceRoot, splits: list[tuple[str, Path]], names: list[str
                 root.image(label_file.relative_to(root.path), where=str(label_file))
             yield SourceItem(split=split, source_key=key, boxes=_yolo_boxes(label_file, real, names, names_from),
                              path=real)
-        label_dir = labels / folder.relative_to(images)
-        if limit is None and label_dir.is_dir():
-            # A label file without its image: yielded as a missing image for the gate to count.
-            for orphan in files_under(label_dir):
-                if orphan.suffix == ".txt" and orphan not in used and orphan.name not in NAME_FILES:
-                    yield SourceItem(split=split, source_key=orphan.relative_to(root.path).as_posix(), boxes=[],
-                                     path=(images / orphan.relative_to(labels)).with_suffix(""))
+    if limit is None:
+        # A label file without its image, anywhere in labels/ (a split folder images/ lacks too): yielded as
+        # a missing image for the gate to count, in the split its folder names, else train.
+        for orphan in files_under(labels):
+            if orphan.suffix == ".txt" and orphan not in used and orphan.name not in NAME_FILES:
+                rel = orphan.relative_to(labels)
+                path, _ = root.image(("images" / rel).with_suffix(""), where=str(orphan))  # a name allowed in the root
+                yield SourceItem(split=rel.parts[0] if rel.parts[0] in SPLITS else "train", boxes=[], path=path,
+                                 source_key=orphan.relative_to(root.path).as_posix())
 
 
 def read_yolo(path: Path, *, fmt: str, classes: list[str] | None, limit: int | None) -> SourceDataset:

@@ -234,6 +234,8 @@ def _inspect(img: Image.Image, *, name: str, max_pixels: int) -> ImageFacts | Re
             )
         if stage == "header":
             img.load()  # full decode: a truncated file fails here, not in training
+    if img.mode not in ("L", "RGB") or "transparency" in img.info:
+        _apply_mode_policy(img)  # load_canonical's conversion must work too (a tRNS of 257+ alphas fails there)
     return ImageFacts(
         width=width,
         height=height,
@@ -380,8 +382,8 @@ def _check_item(index: int, payload: Path | str | bytes, max_pixels: int) -> tup
     else:
         try:
             data = Path(payload).read_bytes()
-        except OSError as e:
-            return Rejection("missing-file", f"{name}: {type(e).__name__}: {e.strerror or e}"), ""
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            return Rejection("missing-file", f"{name}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}"), ""
     digest = hashlib.sha256(data).hexdigest()
     try:
         outcome = check_image(data, name=name, max_pixels=max_pixels)
