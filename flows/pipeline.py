@@ -21,9 +21,11 @@ import os
 import sys
 import time
 
+from pixelops.server import PrefectUnreachable, bound_client_retries, reachable_api
 from tasks.env import configure_environment
 
 configure_environment()
+bound_client_retries()  # before prefect reads its settings
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -153,7 +155,12 @@ def curate_flow(root: str = ".", curate: CurateParams | None = None) -> dict:
 
 
 def main() -> int:
-    result = pipeline()
+    try:
+        with reachable_api():
+            result = pipeline()
+    except PrefectUnreachable as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        return 1
     for o in result["stages"]:
         print(f"{o['stage']:<9} {'skipped' if o['skipped'] else 'ran':<8} {o['seconds']:>8.1f}s")
     from tasks.report import summary_text

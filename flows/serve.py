@@ -20,9 +20,11 @@ import os
 import sys
 from pathlib import Path
 
+from pixelops.server import bound_client_retries
 from tasks.env import configure_environment
 
 configure_environment()
+bound_client_retries()  # before flows.ingest imports prefect
 
 from flows.forms import form_defaults
 from flows.ingest import ingest_flow

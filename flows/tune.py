@@ -20,9 +20,11 @@ import os
 import re
 import sys
 
+from pixelops.server import PrefectUnreachable, bound_client_retries, reachable_api
 from tasks.env import configure_environment
 
 configure_environment()
+bound_client_retries()  # before prefect reads its settings
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -107,12 +109,17 @@ def _share_server_with_workers() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["worker"]:
-        a = tune_stage.parse_worker_args(argv[1:])
-        spec = argv[argv.index("--params") + 1]
-        tune_worker(spec, a["name"], a["index"], a["threads"], a["deadline"])
-        return 0
-    print(tune_flow())
+    try:
+        with reachable_api():
+            if argv[:1] == ["worker"]:
+                a = tune_stage.parse_worker_args(argv[1:])
+                spec = argv[argv.index("--params") + 1]
+                tune_worker(spec, a["name"], a["index"], a["threads"], a["deadline"])
+            else:
+                print(tune_flow())
+    except PrefectUnreachable as e:
+        print(f"tune flow: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,6 +7,10 @@ by default .prefect/) and `server:` in params.yaml for host and port. The proces
 session of its own and is recorded in `$PREFECT_HOME/pixelops-server.json` (pid, url, log), so
 `stop` ends it and everything it started, and `start` is a no-op when it already answers.
 
+A flow run that talks to this server (PREFECT_API_URL) checks it answers before it starts, and
+fails with what to do when it stops answering (`reachable_api`); Prefect's client retries a lost
+server CLIENT_MAX_RETRIES times (about 14 s), not its default 5 (over a minute per request).
+
 Binding: 127.0.0.1 unless params.yaml says otherwise. The API has no authentication of its
 own; before exposing it, set `PREFECT_SERVER_API_AUTH_STRING` (e.g. `admin:<secret>`) in the
 server's environment and `PREFECT_API_AUTH_STRING` in every client's. Secrets never go into
@@ -15,6 +19,7 @@ params.yaml, which is tracked by git.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,10 +34,22 @@ from pathlib import Path
 import psutil
 
 STATE_FILE = "pixelops-server.json"
+# Prefect retries a request to a server it reached before after 2, 4, 8 ... s; its default 5
+# retries make a flow whose server died wait over a minute per request before it fails. Three
+# (about 14 s) still ride out a server restart. A candidate for params.yaml (server.client_retries).
+CLIENT_MAX_RETRIES = 3
+HEALTH_TIMEOUT_S = 5.0
+WHAT_TO_DO = ("start it with `pixelops server start` (or point PREFECT_API_URL at a running server), "
+              "or unset PREFECT_API_URL to run the flow on a temporary local server, "
+              "or run `pixelops run` (dvc repro, no Prefect)")
 
 
 class ServerError(RuntimeError):
     """The Prefect server did not start or stop as asked."""
+
+
+class PrefectUnreachable(ServerError):
+    """The Prefect API a flow run reports to (PREFECT_API_URL) does not answer."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +74,40 @@ def _state_path() -> Path:
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
     """The server answers its (always unauthenticated) health check."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def bound_client_retries() -> None:
+    """Default PREFECT_CLIENT_MAX_RETRIES to CLIENT_MAX_RETRIES; call before importing prefect."""
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(CLIENT_MAX_RETRIES))
+
+
+@contextlib.contextmanager
+def reachable_api(timeout_s: float = HEALTH_TIMEOUT_S):
+    """Around a flow call: PrefectUnreachable, saying what to do, when PREFECT_API_URL does not answer.
+
+    Checked before the flow starts (Prefect's own error names no remedy), and when the flow
+    fails with a transport error, so a server that died mid-run is told apart from other
+    failures. Without PREFECT_API_URL a flow runs on a temporary local server: nothing to check.
+    Yields the URL (or None).
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url and not healthy(url, timeout_s):
+        raise PrefectUnreachable(f"the Prefect API at {url} does not answer; {WHAT_TO_DO}")
+    try:
+        yield url
+    except httpx.TransportError as e:
+        if not url or healthy(url, timeout_s):
+            raise
+        raise PrefectUnreachable(
+            f"the Prefect API at {url} stopped answering during the flow run ({type(e).__name__}: {e}); "
+            f"{WHAT_TO_DO}. Stages that finished are recorded in dvc.lock: a re-run skips them.") from e
 
 
 def _alive(pid: int) -> bool:

@@ -185,12 +185,12 @@ def _signals(dataset_name: str, curated: pd.DataFrame, ingest_dir: Path, *, vers
     emb = signal_embeddings(curated, ingest_dir, version=version, n_classes=len(classes), train=train,
                             cache_dir=cache_dir, batch_size=params.signals.batch_size, seed=seed)
     embed_s = time.perf_counter() - start
-    fo = curate_fiftyone.import_fiftyone(params.database)
-    dataset = fo.load_dataset(dataset_name)
     vectors = reduce(emb.vectors, params.signals.embedding_dim, seed=seed)
-    signals = curate_signals.compute(fo, dataset, emb.sample_ids, vectors,
-                                     threshold=params.signals.near_duplicate_threshold)
-    curate_signals.save_views(fo, dataset)
+    with curate_fiftyone.connected(params.database) as fo:
+        dataset = fo.load_dataset(dataset_name)
+        signals = curate_signals.compute(fo, dataset, emb.sample_ids, vectors,
+                                         threshold=params.signals.near_duplicate_threshold)
+        curate_signals.save_views(fo, dataset)
     # Only facts that follow from the inputs: curation.json is a DVC output that training
     # depends on, so a timing here would retrain the model on every curate run.
     return signals, {"embeddings": str(emb.cache_file), "model_hash": emb.model_hash,

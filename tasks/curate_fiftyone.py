@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,18 @@ def import_fiftyone(database: DatabaseParams):
     """
     try:
         return fo_service.connect(database)
+    except fo_service.DatabaseUnavailable as e:
+        raise FiftyOneSyncError(str(e)) from e
+
+
+@contextmanager
+def connected(database: DatabaseParams):
+    """FiftyOne (as import_fiftyone); inside the block, a database that stops answering raises
+    FiftyOneSyncError naming it and what to do, within about `database.timeout_s`."""
+    fo = import_fiftyone(database)
+    try:
+        with fo_service.outage_errors(fo_service.spec_for(database)):
+            yield fo
     except fo_service.DatabaseUnavailable as e:
         raise FiftyOneSyncError(str(e)) from e
 
@@ -183,18 +196,21 @@ def sync(manifest_df: pd.DataFrame, *, images_root: Path, dataset_name: str, cla
             matching one as it is (action "exists"); signals need samples before the
             final field values are known.
     Returns: {"dataset", "action" (created | rebuilt | updated | unchanged), "n_samples", "seconds"}.
+    Raises FiftyOneSyncError, within about `database.timeout_s`, when the database is down or
+    stops answering.
     """
     start = time.perf_counter()
-    fo = import_fiftyone(database)
     rows = expected_rows(manifest_df, images_root)
-    dataset, deleted = _open_matching(fo, dataset_name, rows)
-    if dataset is None:
-        dataset = _create(fo, dataset_name, rows)
-        action = "rebuilt" if deleted else "created"
-    elif create_only:
-        action = "exists"
-    else:
-        action = "updated" if _update(fo, dataset, rows, managed_tags) else "unchanged"
-    _finish(dataset, classes, saved_views)
-    return {"dataset": dataset_name, "action": action, "n_samples": len(dataset),
+    with connected(database) as fo:
+        dataset, deleted = _open_matching(fo, dataset_name, rows)
+        if dataset is None:
+            dataset = _create(fo, dataset_name, rows)
+            action = "rebuilt" if deleted else "created"
+        elif create_only:
+            action = "exists"
+        else:
+            action = "updated" if _update(fo, dataset, rows, managed_tags) else "unchanged"
+        _finish(dataset, classes, saved_views)
+        n_samples = len(dataset)
+    return {"dataset": dataset_name, "action": action, "n_samples": n_samples,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -50,12 +50,21 @@ class DatabaseSpec:
         return self.dbpath.parent / "mongod.pid"
 
 
+def _server(uri: str) -> str:
+    """The URI without its options: which server it names."""
+    return uri.partition("?")[0].rstrip("/")
+
+
 def spec_for(params: DatabaseParams, root: Path | str | None = None) -> DatabaseSpec:
     """Where the database is: FIFTYONE_DATABASE_URI, else `uri`, else the managed mongod."""
     root = Path(root or os.getcwd()).resolve()
-    user_uri = os.environ.get("FIFTYONE_DATABASE_URI") or params.uri
+    own = f"mongodb://{LOOPBACK}:{params.port}"
+    env_uri = os.environ.get("FIFTYONE_DATABASE_URI")
+    if env_uri and _server(env_uri) == own:
+        env_uri = None  # the project's own mongod, named by connect() for FiftyOne
+    user_uri = env_uri or params.uri
     dbpath = params.dir if params.dir.is_absolute() else root / params.dir
-    return DatabaseSpec(uri=user_uri or f"mongodb://{LOOPBACK}:{params.port}", managed=not user_uri,
+    return DatabaseSpec(uri=user_uri or own, managed=not user_uri,
                         dbpath=dbpath, port=params.port, timeout_s=params.timeout_s,
                         cache_size_gb=params.cache_size_gb)
 
@@ -82,12 +91,42 @@ def how_to_start(spec: DatabaseSpec) -> str:
     return "check that the MongoDB server at that URI (curate.database.uri or FIFTYONE_DATABASE_URI) is running"
 
 
+def unavailable(spec: DatabaseSpec, what: str) -> DatabaseUnavailable:
+    """The error for a database that `what` (did not answer, stopped answering): with what to do."""
+    return DatabaseUnavailable(f"FiftyOne's database at {spec.uri} {what}; {how_to_start(spec)}, then re-run. "
+                               "The DVC-versioned data under data/ is unaffected.")
+
+
 def ensure_reachable(spec: DatabaseSpec) -> None:
     """Raise DatabaseUnavailable within about `timeout_s` when the database does not answer."""
     if not ping(spec.uri, spec.timeout_s):
-        raise DatabaseUnavailable(
-            f"FiftyOne's database at {spec.uri} did not answer within {spec.timeout_s:g} s; "
-            f"{how_to_start(spec)}. The DVC-versioned data under data/ is unaffected.")
+        raise unavailable(spec, f"did not answer within {spec.timeout_s:g} s")
+
+
+@contextmanager
+def outage_errors(spec: DatabaseSpec):
+    """Inside: a database that stops answering raises DatabaseUnavailable (what to do), not pymongo's error.
+
+    With connect()'s URI, FiftyOne's client gives up on a down server after `timeout_s`
+    (pymongo's default is 30 s, and a retried read waits twice).
+    """
+    from pymongo.errors import ConnectionFailure
+
+    try:
+        yield
+    except (ConnectionFailure, ConnectionError) as e:  # FiftyOne raises ConnectionError when it cannot reconnect
+        raise unavailable(spec, f"stopped answering ({type(e).__name__}: {str(e)[:100]})") from e
+
+
+def client_uri(spec: DatabaseSpec) -> str:
+    """The URI FiftyOne connects with: `uri`, with server selection bounded by `timeout_s`."""
+    if "serverselectiontimeoutms=" in spec.uri.lower():
+        return spec.uri  # the user's own choice
+    base, _, query = spec.uri.partition("?")
+    if base.count("/") == 2:  # mongodb://host:port: options need the "/" before "?"
+        base += "/"
+    option = f"serverSelectionTimeoutMS={int(spec.timeout_s * 1000)}"
+    return f"{base}?{query}&{option}" if query else f"{base}?{option}"
 
 
 def mongod_binary() -> Path:
@@ -184,17 +223,19 @@ def connect(params: DatabaseParams, root: Path | str | None = None):
     """Point FiftyOne at the configured database, check it answers, and import fiftyone.
 
     FiftyOne reads FIFTYONE_DATABASE_URI at import; with it set, it never spawns a mongod
-    of its own. Raises DatabaseUnavailable (bounded by `timeout_s`) when it is down.
+    of its own. Raises DatabaseUnavailable (bounded by `timeout_s`) when it is down; wrap
+    later FiftyOne calls in outage_errors(spec) for a database that stops mid-way.
     """
     from tasks.env import configure_environment
 
     configure_environment()
     spec = spec_for(params, root)
-    os.environ["FIFTYONE_DATABASE_URI"] = spec.uri
+    os.environ["FIFTYONE_DATABASE_URI"] = client_uri(spec)
     ensure_reachable(spec)
     import fiftyone as fo
 
-    if fo.config.database_uri != spec.uri:
+    # The same server is enough: a process that imported fiftyone first (tests) keeps its options.
+    if _server(fo.config.database_uri or "") != _server(spec.uri):
         raise DatabaseUnavailable(
             f"fiftyone was imported before its database was configured (it uses "
             f"{fo.config.database_uri or 'its own mongod'}, expected {spec.uri})")

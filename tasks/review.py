@@ -108,10 +108,10 @@ def review(model_dir: Path, curate_dir: Path, *, params: Params, out_dir: Path) 
     rows, logits, vectors, emb_info, info = score(model_dir, curate_dir, batch_size=params.evaluate.batch_size,
                                                   cache_dir=params.paths.cache)
     if info.get("dataset_name"):
-        fo = curate_fiftyone.import_fiftyone(params.curate.database)
-        dataset = fo.load_dataset(info["dataset_name"])
-        rows["mistakenness"] = _to_fiftyone(fo, dataset, rows, logits, params.curate.signals.mislabeled_fraction)
-        fo_eval = _fiftyone_evaluation(dataset)
+        with curate_fiftyone.connected(params.curate.database) as fo:
+            dataset = fo.load_dataset(info["dataset_name"])
+            rows["mistakenness"] = _to_fiftyone(fo, dataset, rows, logits, params.curate.signals.mislabeled_fraction)
+            fo_eval = _fiftyone_evaluation(dataset)
     else:  # curate.fiftyone off: predictions only; mistakenness is FiftyOne Brain's
         rows["mistakenness"] = np.nan
         fo_eval = None

@@ -10,6 +10,8 @@ Outputs: data/tune/ (`paths.data`/tune)
 State:   the study, in `tune.storage`: by default Optuna's journal file
          `paths.cache`/tune/optuna.journal (several local processes append to it safely);
          a postgresql+psycopg:// URL lets workers on several machines share one study.
+         A storage another process holds locked for over tune_study.LOCK_TIMEOUT_S fails the
+         stage with what to do, before the last sweep's outputs are touched.
 
 The objective (`_objective`) turns `trial.suggest_*` into a TrainParams (params.with_values)
 and calls train() with an `on_epoch` callback that reports val accuracy and raises
@@ -54,6 +56,7 @@ from tasks.tune_study import (
     fail_stale_trials,
     load_study,
     owner,
+    storage_errors,
     storage_label,
     study_name,
     trial_epochs,
@@ -272,31 +275,34 @@ def tune(params: Params, *, out_dir: Path, report_dir: Path, run_trial: Callable
     run_trial:  wraps each trial run in this process (see run_worker).
     worker_cmd: the command of workers 1..N-1 (default `python -m tasks.tune worker`); each
                 gets --params FILE --study NAME --index I --threads T --deadline S.
-    Raises TuneError when the sweep cannot run, a worker fails, or no trial completes.
+    Raises TuneError when the sweep cannot run, its storage stays locked (LOCK_TIMEOUT_S) or is
+    down, a worker fails, or no trial completes; the previous outputs stay until the storage answers.
     """
     out_dir, report_dir = Path(out_dir), Path(report_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)  # no stale best.json from an earlier sweep
     if not params.tune.enabled:  # the same outputs either way, so the stage graph does not change
+        shutil.rmtree(out_dir, ignore_errors=True)
         shutil.rmtree(report_dir, ignore_errors=True)
         atomic_write_json(out_dir / "tune.json", {"enabled": False})
         atomic_write_text(report_dir / "index.html", OFF_PAGE)
         return TuneResult(False)
     t0 = time.perf_counter()
     name = study_for(params)
-    create_study(params, name)
-    print(f"study {name} on {storage_label(params)}", flush=True)
-    tp = params.tune
-    deadline = time.time() + tp.timeout_s if tp.timeout_s else None
-    threads = max(1, params.train.num_threads // tp.workers)  # each worker its share of the cores
-    workers = _spawn_workers(params, name, threads=threads, deadline=deadline,
-                             worker_cmd=worker_cmd or [sys.executable, "-m", "tasks.tune", "worker"])
-    try:
-        run_worker(params, name, index=0, threads=threads, deadline=deadline, run_trial=run_trial)
-    finally:
-        codes = [w.wait() for w in workers]
-    if any(codes):
-        raise TuneError(f"study {name}: worker exit codes {codes}; re-run the stage to resume the study")
-    return _summarize(params, name, out_dir, report_dir, time.perf_counter() - t0)
+    with storage_errors(params):
+        create_study(params, name)  # first: a locked or down storage leaves the previous outputs alone
+        shutil.rmtree(out_dir, ignore_errors=True)  # no stale best.json from an earlier sweep
+        print(f"study {name} on {storage_label(params)}", flush=True)
+        tp = params.tune
+        deadline = time.time() + tp.timeout_s if tp.timeout_s else None
+        threads = max(1, params.train.num_threads // tp.workers)  # each worker its share of the cores
+        workers = _spawn_workers(params, name, threads=threads, deadline=deadline,
+                                 worker_cmd=worker_cmd or [sys.executable, "-m", "tasks.tune", "worker"])
+        try:
+            run_worker(params, name, index=0, threads=threads, deadline=deadline, run_trial=run_trial)
+        finally:
+            codes = [w.wait() for w in workers]
+        if any(codes):
+            raise TuneError(f"study {name}: worker exit codes {codes}; re-run the stage to resume the study")
+        return _summarize(params, name, out_dir, report_dir, time.perf_counter() - t0)
 
 
 def run(params: Params, **kwargs) -> TuneResult:

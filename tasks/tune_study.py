@@ -6,6 +6,7 @@ and how a trial whose worker died is detected and retried (see tasks.tune's docs
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.params import Params, TuneParams
@@ -20,6 +22,10 @@ from tasks.params import Params, TuneParams
 HOST = socket.gethostname()
 # Train knobs that cannot change a trial's result: outside the study's identity.
 _NOT_IDENTITY = {"num_threads", "keep_checkpoints", "resume", "device", "detection"}
+# How long a sweep waits for a storage that another process holds locked (the journal's lock
+# file, SQLite's write lock, a PostgreSQL lock) before it fails. A candidate for params.yaml
+# (tune.lock_timeout_s).
+LOCK_TIMEOUT_S = 30.0
 
 
 class TuneError(RuntimeError):
@@ -55,6 +61,68 @@ def storage_label(params: Params) -> str:
     return url
 
 
+class JournalLock:
+    """The journal's write lock: Optuna's own `<journal>.lock` symlink (so Optuna clients outside
+    PixelOps are still excluded), taken while holding a kernel lock on `<journal>.lock.held`,
+    which tells a live holder from a dead one (the kernel drops a killed process's lock).
+
+    Held by a live process for over `timeout_s`: TuneError (Optuna's lock breaks any lock after
+    30 s and appends beside its holder). Left by a dead one (a killed worker): removed after
+    `timeout_s`, as Optuna would. JournalFileBackend's `lock_obj`: acquire() and release().
+    """
+
+    def __init__(self, journal: Path, timeout_s: float):
+        self.journal, self.timeout_s = journal, timeout_s
+        self.path, self.held = Path(f"{journal}.lock"), Path(f"{journal}.lock.held")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        deadline, pause = time.monotonic() + self.timeout_s, 0.001
+        fd = os.open(self.held, os.O_CREAT | os.O_RDWR, 0o644)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live process is writing
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TuneError(
+                        f"tune.storage journal:{self.journal} is locked: a process has held its lock for over "
+                        f"{self.timeout_s:g} s. Another sweep (python -m tasks.tune, its workers or the tune flow) "
+                        "is writing to it and seems stuck: wait for it or stop it, then re-run. Finished trials "
+                        "are kept and the sweep resumes.") from None
+            else:
+                try:
+                    os.symlink(self.journal, self.path)
+                    self._fd = fd
+                    return True
+                except FileExistsError:  # an Optuna client outside PixelOps, or a dead holder's
+                    if time.monotonic() > deadline:
+                        # Safe from PixelOps' own writers: they hold the kernel lock, which we have.
+                        print(f"removing {self.path}: its holder is gone (held over {self.timeout_s:g} s)",
+                              flush=True)
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lock_wait_args(url: str) -> dict:
+    """The RDB driver's wait for a lock, bounded by LOCK_TIMEOUT_S (PostgreSQL waits forever)."""
+    if url.startswith("sqlite"):
+        return {"timeout": LOCK_TIMEOUT_S}
+    if url.startswith("postgresql") and "options=" not in url:  # the URL's own options win
+        return {"options": f"-c lock_timeout={int(LOCK_TIMEOUT_S * 1000)}"}
+    return {}
+
+
 def open_storage(params: Params):
     """An Optuna storage for `tune.storage` (journal file by default, or an RDB URL)."""
     import optuna
@@ -64,12 +132,33 @@ def open_storage(params: Params):
     if url is None or url.startswith("journal:"):
         path = Path(url.removeprefix("journal:")) if url else params.paths.cache / "tune" / "optuna.journal"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalLock(path, LOCK_TIMEOUT_S)))
     if url.startswith("sqlite") and params.tune.workers > 1:
         raise TuneError(f"tune.storage {url}: SQLite is not safe for parallel workers; use the journal "
                         "file (storage: null) or PostgreSQL")
     # pool_pre_ping: a long trial must not find its pooled connection dropped by the server
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True,
+                                                          "connect_args": _lock_wait_args(url)})
+
+
+@contextmanager
+def storage_errors(params: Params):
+    """Inside: an RDB storage that is locked or down raises TuneError naming it and what to do
+    (SQLAlchemy's OperationalError, which Optuna may wrap in a StorageInternalError about "invalid data")."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except (OperationalError, StorageInternalError) as e:
+        cause = e if isinstance(e, OperationalError) else e.__cause__
+        if not isinstance(cause, OperationalError):
+            raise
+        detail = str(cause.orig or cause).strip().splitlines()[0]
+        raise TuneError(
+            f"tune.storage {storage_label(params)} is locked or down ({detail}; waited up to {LOCK_TIMEOUT_S:g} s). "
+            "If another sweep or database session holds it, wait for it (or end that session) and re-run; if "
+            "the database server is down, start it. Finished trials stay in the study: a re-run resumes it.") from e
 
 
 def build_sampler(tp: TuneParams, seed: int):
