@@ -113,3 +113,17 @@ def ingested(tmp_path_factory):
     params = tiny_params(tmp)
     result = ingest.run(params)
     return params, result
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Params:
+    """Params of a tiny real project trained 2 epochs (checkpoints kept), made once. Tests that
+    damage its files put the original bytes back."""
+    from tasks import curate, ingest, train
+
+    params = tiny_params(tmp_path_factory.mktemp("trained"), [
+        "curate.fiftyone=false", "train.epochs=2", "train.keep_checkpoints=2", "ingest.limit_per_split=200"])
+    ingest.run(params)
+    curate.run(params)
+    train.run(params)
+    return params

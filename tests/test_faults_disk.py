@@ -18,7 +18,7 @@ import yaml
 
 from bench.project import make_project, set_param
 from pixelops.stages import run_stage
-from tasks import checkpoints, curate, evaluate, ingest, train
+from tasks import checkpoints, evaluate, ingest, train
 from tasks.io import DiskFull
 from tasks.params import load_params
 from tests.conftest import TINY_OVERRIDES, tiny_params
@@ -117,15 +117,9 @@ def test_disk_full_while_writing_a_dataset_version(tmp_path, monkeypatch):
         assert outcome.result.version == second and _versions(project) == [first, second]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("disk")
-    params = tiny_params(tmp, ["curate.fiftyone=false", "train.epochs=2", "train.keep_checkpoints=2",
-                               "ingest.limit_per_split=200"])
-    ingest.run(params)
-    curate.run(params)
-    train.run(params)
-    return params
+@pytest.fixture
+def trained(trained_tiny):
+    return trained_tiny
 
 
 def _with_paths(params, **paths):

@@ -17,9 +17,9 @@ from bench.project import make_project, set_param
 from pixelops.integrity import cache_path, verify
 from pixelops.stages import run_stage
 from pixelops.versions import VersionError, checkout
-from tasks import checkpoints, curate, evaluate, ingest, train
+from tasks import checkpoints, evaluate, train
 from tasks.params import load_params
-from tests.conftest import TINY_OVERRIDES, tiny_params
+from tests.conftest import TINY_OVERRIDES
 
 FLIPS = 40  # positions per checkpoint file
 
@@ -41,15 +41,9 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("integrity")
-    params = tiny_params(tmp, ["curate.fiftyone=false", "train.epochs=2", "train.keep_checkpoints=2",
-                               "ingest.limit_per_split=200"])
-    ingest.run(params)
-    curate.run(params)
-    train.run(params)
-    return params
+@pytest.fixture
+def trained(trained_tiny):
+    return trained_tiny
 
 
 def _run_folder(params):
