@@ -120,7 +120,7 @@ def small_dataset(tmp_path):
         dataset.delete()
 
 
-def _first_line(proc: subprocess.Popen, lines: queue.Queue, timeout_s: float) -> str:
+def first_line(proc: subprocess.Popen, lines: queue.Queue, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -156,7 +156,7 @@ def test_app_serves_dataset_media_only_on_loopback(small_dataset, tmp_path):
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
         try:
-            line = _first_line(proc, lines, timeout_s=90)
+            line = first_line(proc, lines, timeout_s=90)
         except AssertionError as e:
             raise AssertionError(f"{e}; stderr: {log.read_text()[-2000:]}") from None
         found = URL_LINE.match(line)  # the URL is the first line: FiftyOne's own logs go to stderr

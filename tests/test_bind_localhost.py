@@ -18,7 +18,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import psutil
 from tasks import curate, fo_app, fo_service
 from tasks.params import DatabaseParams, ServerParams, load_params
 from tests.conftest import TEST_DB, _free_port
+from tests.test_app import first_line
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -82,14 +82,7 @@ def test_session_database_listens_on_loopback_only():
 def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return lines.get(timeout=0.5).rstrip("\n")
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-    raise AssertionError(f"no URL line within {timeout_s:g} s (exit {proc.poll()})")
+    return first_line(proc, lines, timeout_s)
 
 
 def test_pixelops_app_listens_on_loopback_only(tmp_path):
